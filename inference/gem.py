@@ -1,0 +1,113 @@
+r"""Gradient-EM meta-gradients: GEM-BML and GEM-BML+ (GEM-BML section 3.2, Theorem 1, appendix A.4, B.7).
+
+By Theorem 1 (Fisher's identity) the gradient of the log marginal likelihood of a task is
+
+.. math::
+    \nabla_\Theta L(\Theta; D) = \mathbb{E}_{\theta \sim p(\theta \mid D; \Theta)} \nabla_\Theta \log p(\theta; \Theta)
+    \approx \mathbb{E}_{\theta \sim q(\theta; \lambda(D, \Theta))} \nabla_\Theta \log p(\theta; \Theta) ,
+
+which needs only the inner update's result ``lambda`` - no graph of the inner loop and no data. GEM-BML
+estimates :math:`\nabla L^{[1]}` with the posterior on :math:`D^{tr} \cup D^{val}`; GEM-BML+ estimates
+:math:`\nabla L^{[2]} = \nabla L(\Theta; D^{tr} \cup D^{val}) - \nabla L(\Theta; D^{tr})` (appendix A.4).
+
+All functions return per-task gradients ``{name: [T, *param_shape]}`` of the log-likelihood (an ascent
+direction); :class:`inference.learner.MetaLearner` averages and negates them for a torch optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from inference.batch import TaskBatch
+from inference.inner import InnerConfig, fit_posterior
+from models.guides import Guide
+from models.hierarchical import HierarchicalModel
+from models.posterior import Posterior
+from models.priors import Prior
+
+__all__ = ["gem_gradient", "mc_gem_gradient", "gem_bml_gradient", "gem_plus_gradient", "gem_plus_posteriors"]
+
+
+def mc_gem_gradient(prior: Prior, posterior: Posterior, num_samples: int = 64,
+                    generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    r"""Monte-Carlo GEM for ANY prior and ANY guide one can sample from.
+
+    .. math:: \hat g_\tau = \frac1S \sum_s \nabla_\Theta \log p(\theta_s; \Theta), \quad \theta_s \sim q_\tau
+
+    Per-task gradients come from ``torch.func.grad`` vmapped over tasks.
+    """
+    theta = posterior.sample(num_samples, generator).detach()  # [S, T, P]
+    params = {n: p.detach() for n, p in prior.named_parameters()}
+    buffers = dict(prior.named_buffers())
+
+    def mean_log_prob(params: dict[str, Tensor], theta_task: Tensor) -> Tensor:
+        return torch.func.functional_call(prior, (params, buffers), (theta_task,)).mean()
+
+    per_task = torch.func.vmap(torch.func.grad(mean_log_prob), in_dims=(None, 1))
+    return per_task(params, theta)
+
+
+def gem_gradient(prior: Prior, posterior: Posterior, closed_form: bool = True, num_samples: int = 64,
+                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    r"""``E_q grad_Theta log p(theta; Theta)`` per task: the prior's closed form if it has one, else Monte Carlo."""
+    if closed_form:
+        grads = prior.gem_gradient(posterior)
+        if grads is not None:
+            return grads
+    return mc_gem_gradient(prior, posterior, num_samples, generator)
+
+
+def gem_bml_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, config: InnerConfig,
+                     generator: torch.Generator | None = None, closed_form: bool = True
+                     ) -> tuple[dict[str, Tensor], Posterior]:
+    r"""GEM-BML: :math:`\nabla_\Theta L^{[1]}_\tau` from the posterior on :math:`D^{tr}_\tau \cup D^{val}_\tau`.
+
+    The inner update is VI from the prior on the joint data (which with a Delta guide and a fixed prior
+    scale makes the mean update Reptile's, section 4). Returns the per-task gradients and the posterior.
+    """
+    x, y = batch.joint()
+    post = fit_posterior(model, guide, x, y, model.prior.initial_posterior(batch.num_tasks), config=config,
+                         generator=generator)
+    return gem_gradient(model.prior, post, closed_form, generator=generator), post
+
+
+def gem_plus_posteriors(model: HierarchicalModel, guide: Guide, batch: TaskBatch, config: InnerConfig,
+                        generator: torch.Generator | None = None, mode: str = "sequential"
+                        ) -> tuple[Posterior, Posterior]:
+    r"""The two posteriors of GEM-BML+: ``q1 = VI(Theta, D_tr)`` and ``q2`` on ``D_tr u D_val``.
+
+    ``mode="sequential"`` (the paper's VI(lambda_tr, D_val)): start at q1, use q1 as the prior, data D_val.
+    ``mode="joint"``: start at q1, prior Theta, data D_tr u D_val.
+    """
+    if mode not in ("sequential", "joint"):
+        raise ValueError(f"unknown GEM-BML+ mode {mode!r}; choose 'sequential' or 'joint'")
+    q1 = fit_posterior(model, guide, batch.x_train, batch.y_train, model.prior.initial_posterior(batch.num_tasks),
+                       config=config, generator=generator)
+    val_steps = config.val_steps if config.val_steps is not None else config.steps
+    if mode == "sequential":
+        if q1.kind == "delta":
+            raise ValueError("sequential GEM-BML+ needs a posterior with a density as the prior of VI(lambda_tr, D_val); "
+                             "a Delta guide has none: use mode='joint'")
+        q2 = fit_posterior(model, guide, batch.x_val, batch.y_val, q1, prior=q1.distribution(), config=config,
+                           steps=val_steps, generator=generator)
+    else:
+        x, y = batch.joint()
+        q2 = fit_posterior(model, guide, x, y, q1, config=config, steps=val_steps, generator=generator)
+    return q1, q2
+
+
+def gem_plus_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, config: InnerConfig,
+                      generator: torch.Generator | None = None, closed_form: bool = True, mode: str = "sequential"
+                      ) -> tuple[dict[str, Tensor], Posterior]:
+    r"""GEM-BML+: :math:`\nabla L^{[2]}_\tau = \hat g(q_2) - \hat g(q_1)` (Subroutine GEM-BML+, appendix A.4, eq. 21).
+
+    For the diagonal Gaussian prior this is, per weight,
+    :math:`\partial_\mu = (m_2 - m_1)/\sigma^2` and
+    :math:`\partial_{\log\sigma} = (s_2^2 + (m_2-\mu)^2 - s_1^2 - (m_1-\mu)^2)/\sigma^2`.
+    Returns the per-task gradients and q1 (the posterior on the support set).
+    """
+    q1, q2 = gem_plus_posteriors(model, guide, batch, config, generator, mode)
+    g2 = gem_gradient(model.prior, q2, closed_form, generator=generator)
+    g1 = gem_gradient(model.prior, q1, closed_form, generator=generator)
+    return {n: g2[n] - g1[n] for n in g2}, q1

@@ -1,0 +1,227 @@
+r"""The inner update: SVI on per-task guides (Algorithm 1, subroutine VI; GEM-BML section 3.1).
+
+.. math::
+    \lambda_\tau \leftarrow \lambda_\tau + \alpha \nabla_\lambda \Big[\log p(D_\tau \mid g(\lambda_\tau, \epsilon))
+    - \mathrm{KL}\big(q(\theta; \lambda_\tau) \,\|\, p(\theta; \Theta)\big)\Big]
+
+All ``T`` tasks of a meta-batch run in ONE SVI over ``pyro.plate("tasks", T)``: the loss is the sum of the
+per-task negative ELBOs, whose parameters are disjoint, and Adam / SGD act element-wise, so one batched
+SVI is exactly ``T`` independent per-task SVIs at the cost of one. The ELBO is Pyro's
+``TraceMeanField_ELBO`` (analytic KL for Gaussian pairs) or ``Trace_ELBO``; parameters live in plain tensors
+driven by a torch optimizer, never in Pyro's global parameter store.
+
+Fast path: when the guide is mean-field or Delta, the prior inside the ELBO is a diagonal Normal and
+``analytic_kl`` is on, :func:`negative_elbo` computes the same quantity as ``TraceMeanField_ELBO`` directly
+in torch (reparameterised likelihood + closed-form KL), skipping Pyro's per-step tracing (~1 ms a step on
+the sinusoid net). ``InnerConfig(elbo="pyro")`` forces the traced ELBO; the two agree to float precision
+(``tests/test_inner.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from torch import Tensor
+
+from models.guides import Guide
+from models.hierarchical import HierarchicalModel
+from models.posterior import Posterior
+
+__all__ = ["InnerConfig", "InnerLoopDivergedError", "fit_posterior", "negative_elbo", "make_optimizer", "NoiseFn"]
+
+#: ``noise(step, shape) -> standard-normal tensor``: where the guide's reparameterisation noise comes from
+NoiseFn = Callable[[int, torch.Size], Tensor]
+
+
+class InnerLoopDivergedError(RuntimeError):
+    """The inner update produced a NaN / inf ELBO; the message names the task(s) and the step."""
+
+
+@dataclass
+class InnerConfig:
+    """Settings of the inner update.
+
+    Attributes:
+        steps: optimisation steps of VI (and of the baselines' inner SGD).
+        lr: inner learning rate.
+        optimizer: ``"adam"``, ``"sgd"`` or the name of any ``torch.optim`` class.
+        num_samples: Monte-Carlo samples of theta per step (vectorised particles).
+        analytic_kl: use ``TraceMeanField_ELBO`` (closed-form KL where it exists) instead of ``Trace_ELBO``.
+        val_steps: steps of the second update VI(lambda_tr, D_val) in GEM-BML+; ``None`` means ``steps``.
+        elbo: ``"auto"`` (analytic torch fast path where it applies, else Pyro) or ``"pyro"`` (always traced).
+    """
+
+    steps: int = 5
+    lr: float = 0.01
+    optimizer: str = "adam"
+    num_samples: int = 1
+    analytic_kl: bool = True
+    val_steps: int | None = None
+    elbo: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.elbo not in ("auto", "pyro"):
+            raise ValueError(f"unknown elbo {self.elbo!r}; choose 'auto' or 'pyro'")
+        if self.steps < 0 or self.num_samples < 1 or not self.lr > 0:
+            raise ValueError(f"bad inner config: steps={self.steps}, num_samples={self.num_samples}, lr={self.lr}")
+        make_optimizer(self.optimizer, [torch.zeros(1, requires_grad=True)], self.lr)  # validates the name
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """A torch optimizer by (case-insensitive) name: ``adam``, ``sgd``, ``adamw``, ``rmsprop`` ..."""
+    table = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)
+             if isinstance(getattr(torch.optim, n), type) and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)}
+    try:
+        cls = table[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; choose e.g. 'adam' or 'sgd' (any torch.optim class)") from None
+    return cls(params, lr=lr)
+
+
+def negative_elbo(
+    model: HierarchicalModel,
+    guide: Guide,
+    params: dict[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    prior: dist.TorchDistribution | None,
+    noise: Tensor | None,
+    analytic_kl: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    r"""``-sum_tau ELBO_tau(lambda_tau; prior)``, averaged over the ``S`` particles of ``noise [S, T, P]``.
+
+    Differentiable in ``params`` (and in the prior's tensors), so the same function serves the inner SVI and
+    the unrolled ELBO-gradient baseline. ``backend="auto"`` takes the analytic fast path where it applies.
+    """
+    if backend == "auto" and analytic_kl and prior is not None:
+        fast = _analytic_negative_elbo(model, guide, params, x, y, prior, noise)
+        if fast is not None:
+            return fast
+    num_particles = 1 if noise is None else noise.shape[0]
+    elbo_cls = TraceMeanField_ELBO if analytic_kl else Trace_ELBO
+    elbo = elbo_cls(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
+    num_tasks = x.shape[0]
+
+    def pyro_guide(x, y, prior, noise):
+        with pyro.plate("tasks", num_tasks, dim=-1):
+            pyro.sample("theta", guide.distribution(params, noise))
+
+    with pyro.validation_enabled(False):  # fit_posterior checks for NaN itself
+        return elbo.differentiable_loss(model.model, pyro_guide, x, y, prior, noise)
+
+
+def _diagonal_normal(prior: dist.TorchDistribution) -> tuple[Tensor, Tensor] | None:
+    if (isinstance(prior, torch.distributions.Independent) and prior.reinterpreted_batch_ndims == 1
+            and type(prior.base_dist) in (torch.distributions.Normal, dist.Normal)):
+        return prior.base_dist.loc, prior.base_dist.scale
+    return None
+
+
+def _analytic_negative_elbo(model, guide, params, x, y, prior, noise) -> Tensor | None:
+    r"""The mean-field ELBO in plain torch, or ``None`` where it does not apply.
+
+    .. math::
+        -\mathrm{ELBO} = \sum_\tau \Big[\mathrm{KL}(q_\tau \| p) - \frac1S \sum_s \log p(D_\tau \mid m_\tau + s_\tau \epsilon_s)\Big],
+        \quad \mathrm{KL} = \sum_i \log\frac{\sigma_i}{s_i} + \frac{s_i^2 + (m_i - \mu_i)^2}{2\sigma_i^2} - \frac12
+
+    (for a Delta guide, ``KL = -log p(m)`` as in Pyro's ``kl(Delta, .)``).
+    """
+    moments = _diagonal_normal(prior)
+    if moments is None or guide.name not in ("meanfield", "delta"):
+        return None
+    mu, sigma = moments
+    loc = params["loc"]
+    if guide.name == "meanfield":
+        log_s = params["log_scale"]
+        theta = loc if noise is None else loc + log_s.exp() * noise
+        kl = (sigma.log() - log_s + (torch.exp(2 * log_s) + (loc - mu).pow(2)) / (2 * sigma.pow(2)) - 0.5).sum()
+    else:
+        theta = loc.unsqueeze(0) if noise is None else loc.expand(noise.shape)
+        kl = -(torch.distributions.Normal(mu, sigma, validate_args=False).log_prob(loc)).sum()
+    if theta.dim() == 2:
+        theta = theta.unsqueeze(0)
+    return kl - model.log_likelihood(theta, x, y).mean(0).sum()
+
+
+def _standard_normal(generator: torch.Generator | None, like: Tensor) -> NoiseFn:
+    def draw(step: int, shape: torch.Size) -> Tensor:
+        return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+    return draw
+
+
+def _diverged_tasks(model: HierarchicalModel, params: dict[str, Tensor], x: Tensor, y: Tensor) -> list[int]:
+    """Tasks whose parameters, gradients or log-likelihood at the guide's mean are NaN / inf."""
+    loc = params["loc"].detach()
+    with torch.no_grad():
+        bad = ~torch.isfinite(model.log_likelihood(loc.unsqueeze(0), x, y)[0])
+    for p in params.values():
+        for t in (p, p.grad):
+            if t is not None:
+                bad |= ~torch.isfinite(t.detach()).flatten(1).all(1)
+    return bad.nonzero().flatten().tolist()
+
+
+def fit_posterior(
+    model: HierarchicalModel,
+    guide: Guide,
+    x: Tensor,
+    y: Tensor,
+    start: Posterior,
+    prior: dist.TorchDistribution | None = None,
+    config: InnerConfig = InnerConfig(),
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+    noise: NoiseFn | None = None,
+    callback: Callable[[int, Posterior], None] | None = None,
+) -> Posterior:
+    """Run the inner SVI for every task of a meta-batch at once and return the detached posteriors.
+
+    Args:
+        model: the hierarchical model.
+        guide: the per-task guide family.
+        x, y: ``[T, N, ...]`` data of each task.
+        start: where the guides start (``prior.initial_posterior(T)`` or an earlier posterior).
+        prior: the prior inside the ELBO; ``None`` means the model's ``p(theta; Theta)``.
+        config: optimiser, learning rate, steps, Monte-Carlo samples, analytic KL.
+        steps: overrides ``config.steps``.
+        generator: source of the reparameterisation noise (explicit seeds; ``None`` = torch's global RNG).
+        noise: a ``NoiseFn`` to use instead of ``generator`` (tests feed identical noise to two runs).
+        callback: called as ``callback(step, posterior)`` before the first step and after every step.
+
+    Raises:
+        InnerLoopDivergedError: when the ELBO becomes NaN / inf, naming the task(s) and the step.
+    """
+    steps = config.steps if steps is None else steps
+    params = guide.init_params(start)
+    if prior is None:
+        with torch.no_grad():
+            prior = model.prior.distribution(x.shape[0])
+    opt = make_optimizer(config.optimizer, list(params.values()), config.lr)
+    draw = noise or _standard_normal(generator, start.loc)
+    shape = torch.Size((config.num_samples, *start.loc.shape))
+    if callback is not None:
+        callback(0, guide.posterior(params).detach())
+    for step in range(1, steps + 1):
+        eps = draw(step, shape) if guide.stochastic else None
+        opt.zero_grad(set_to_none=True)
+        loss = negative_elbo(model, guide, params, x, y, prior, eps, config.analytic_kl, config.elbo)
+        loss.backward()
+        if not torch.isfinite(loss):
+            raise InnerLoopDivergedError(
+                f"inner loop diverged at step {step} of {steps}: the ELBO is {loss.item()} for task(s) "
+                f"{_diverged_tasks(model, params, x, y) or 'unknown'}; lower the inner learning rate (now {config.lr})")
+        opt.step()
+        if callback is not None:
+            callback(step, guide.posterior(params).detach())
+    posterior = guide.posterior(params).detach()
+    if not (torch.isfinite(posterior.loc).all() and torch.isfinite(posterior.variance).all()):
+        raise InnerLoopDivergedError(
+            f"inner loop diverged by step {steps}: the posterior of task(s) {_diverged_tasks(model, params, x, y)} "
+            f"has NaN/inf parameters; lower the inner learning rate (now {config.lr})")
+    return posterior

@@ -1,0 +1,200 @@
+r"""One API for every meta-learner (GEM-BML Algorithm 1: Meta-train and Meta-test).
+
+.. code-block:: python
+
+    learner = MetaLearner(mlp(), GaussianLikelihood(0.1), algorithm="gem-bml+")
+    for batch in task_batches:
+        learner.meta_step(batch)                 # Theta <- Theta + beta * mean_tau grad L_tau
+    posterior = learner.adapt(x_support, y_support, steps=10)   # Meta-test: VI from the learned Theta
+    mean, sd = learner.predict(posterior, x_query)              # posterior predictive
+
+The algorithm is chosen by name (:data:`ALGORITHMS`); the meta-step hands the averaged meta-gradient to a
+torch optimizer (Adam by default) as the gradient of the meta-loss ``-L``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from inference.batch import TaskBatch, check_task_data
+from inference.elbo_gradient import abml_gradient
+from inference.gem import gem_bml_gradient, gem_plus_gradient
+from inference.inner import InnerConfig, fit_posterior, make_optimizer
+from inference.maml import fomaml_gradient, maml_gradient, sgd_adapt
+from inference.reptile import pretrain_gradient, reptile_gradient
+from models.functional import BatchedNet
+from models.guides import Guide, make_guide
+from models.hierarchical import HierarchicalModel
+from models.likelihoods import GaussianLikelihood, Likelihood
+from models.posterior import Posterior
+from models.priors import DiagonalGaussianPrior, Prior
+
+__all__ = ["Algorithm", "ALGORITHMS", "MetaLearner", "Predictive", "get_algorithm"]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What a meta-learning algorithm is, for the registry and the README's table."""
+
+    name: str
+    meta_loss: str            # "L[1]" or "L[2]"
+    estimator: str            # "GEM", "ELBO gradient", "unrolled", ...
+    backprop_through_inner: bool
+    bayesian: bool            # adapts with VI (True) or with SGD on a point estimate (False)
+    reference: str
+
+
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
+    Algorithm("gem-bml", "L[1]", "GEM (closed form or Monte Carlo)", False, True, "Zou & Lu 2020, sec. 3.2"),
+    Algorithm("gem-bml+", "L[2]", "GEM, difference of two L[1] terms", False, True, "Zou & Lu 2020, sec. 3.2, A.4"),
+    Algorithm("abml", "L[1]", "ELBO gradient (unrolled SVI)", True, True, "Ravi & Beatson 2019"),
+    Algorithm("maml", "L[2]", "unrolled SGD, second order", True, False, "Finn et al. 2017"),
+    Algorithm("fomaml", "L[2]", "first-order approximation", False, False, "Finn et al. 2017"),
+    Algorithm("reptile", "L[1]", "GEM with a Delta guide, fixed scale", False, False, "Nichol et al. 2018"),
+    Algorithm("pretrain", "L[1]", "GEM with a Delta prior (sigma -> 0)", False, False, "GEM-BML sec. 4"),
+)}
+
+
+def get_algorithm(name: str) -> Algorithm:
+    try:
+        return ALGORITHMS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}") from None
+
+
+class Predictive(NamedTuple):
+    """Posterior predictive at query inputs: mean and spread of ``f(x; theta)``, ``theta ~ q``."""
+
+    mean: Tensor       # [T, N, out]
+    std: Tensor        # [T, N, out] spread of f over the posterior (epistemic)
+    samples: Tensor    # [S, T, N, out]
+
+
+@dataclass
+class MetaLearner:
+    """A meta-learner: a hierarchical model, a guide, an algorithm and a meta-optimizer.
+
+    Args:
+        net: the user's ``nn.Module``; its current weights become the prior mean.
+        likelihood: ``p(D | theta)``.
+        algorithm: a name from :data:`ALGORITHMS`.
+        prior: a :class:`Prior`; default ``DiagonalGaussianPrior.from_module(net, prior_scale)``.
+        guide: a :class:`Guide` or its name (``meanfield``, ``delta``, ``fullcov``).
+        inner: the inner update's settings (also used at meta-test unless overridden).
+        meta_lr, meta_optimizer: the meta-update's torch optimizer.
+        gem_plus_mode: ``"sequential"`` (the paper's VI(lambda_tr, D_val)) or ``"joint"``.
+        closed_form: GEM from the prior's closed form (``True``) or its Monte-Carlo form.
+        prior_scale: initial prior standard deviation when ``prior`` is not given.
+    """
+
+    net: nn.Module | BatchedNet
+    likelihood: Likelihood = field(default_factory=GaussianLikelihood)
+    algorithm: str = "gem-bml+"
+    prior: Prior | None = None
+    guide: Guide | str = "meanfield"
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    meta_lr: float = 1e-3
+    meta_optimizer: str = "adam"
+    gem_plus_mode: str = "sequential"
+    closed_form: bool = True
+    prior_scale: float = 0.1
+    iteration: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.spec = get_algorithm(self.algorithm)
+        self.algorithm = self.spec.name
+        if self.gem_plus_mode not in ("sequential", "joint"):
+            raise ValueError(f"unknown gem_plus_mode {self.gem_plus_mode!r}; choose 'sequential' or 'joint'")
+        batched = self.net if isinstance(self.net, BatchedNet) else BatchedNet(self.net)
+        if self.prior is None:
+            self.prior = DiagonalGaussianPrior(batched.initial_vector(), torch.tensor(self.prior_scale).log())
+        if isinstance(self.guide, str):
+            self.guide = make_guide(self.guide)
+        self.model = HierarchicalModel(batched, self.prior, self.likelihood)
+        self.optimizer = make_optimizer(self.meta_optimizer, self.prior.parameters(), self.meta_lr)
+
+    # ----------------------------------------------------------------------------------------- meta-train
+    def meta_gradient(self, batch: TaskBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The meta-loss gradient ``{name: grad}`` (descent direction, averaged over the batch's tasks)."""
+        model, guide, cfg = self.model, self.guide, self.inner
+        name = self.algorithm
+        if name == "gem-bml":
+            per_task, _ = gem_bml_gradient(model, guide, batch, cfg, generator, self.closed_form)
+        elif name == "gem-bml+":
+            per_task, _ = gem_plus_gradient(model, guide, batch, cfg, generator, self.closed_form, self.gem_plus_mode)
+        else:
+            ascent = name == "abml"
+            fn: Callable = {"abml": lambda: abml_gradient(model, guide, batch, cfg, generator),
+                            "maml": lambda: maml_gradient(model, batch, cfg),
+                            "fomaml": lambda: fomaml_gradient(model, batch, cfg),
+                            "reptile": lambda: reptile_gradient(model, batch, cfg),
+                            "pretrain": lambda: pretrain_gradient(model, batch, cfg)}[name]
+            grads = fn()
+            return {n: -g for n, g in grads.items()} if ascent else grads
+        return {n: -g.mean(0) for n, g in per_task.items()}
+
+    def meta_step(self, batch: TaskBatch, generator: torch.Generator | None = None) -> dict[str, float]:
+        """One meta-update (Algorithm 1, lines 4-10). Returns a few numbers to log."""
+        batch = batch.to(self.device)
+        grads = self.meta_gradient(batch, generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        params = dict(self.prior.named_parameters())
+        for name, g in grads.items():
+            if not torch.isfinite(g).all():
+                raise FloatingPointError(f"meta-gradient of {name!r} has NaN/inf at iteration {self.iteration}")
+            params[name].grad = g.detach()
+        self.optimizer.step()
+        self.iteration += 1
+        return {"grad_norm": float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))}
+
+    # ------------------------------------------------------------------------------------------ meta-test
+    @property
+    def device(self) -> torch.device:
+        return self.prior.loc.device
+
+    def adapt(self, x: Tensor, y: Tensor, steps: int | None = None, inner: InnerConfig | None = None,
+              generator: torch.Generator | None = None, callback=None) -> Posterior:
+        """Meta-test (Algorithm 1): fit each task's posterior from the learned prior on ``(x, y)``.
+
+        Bayesian algorithms run VI with the guide; the point-estimate baselines run their inner SGD from
+        the prior mean and return a point-mass posterior. ``x [T, K, ...]``, ``y [T, K, ...]``.
+        """
+        check_task_data(x, y, "adaptation data")
+        self.likelihood.check_targets(y, x)
+        x, y = x.to(self.device), y.to(self.device)
+        cfg = inner or self.inner
+        steps = cfg.steps if steps is None else steps
+        num_tasks = x.shape[0]
+        if self.spec.bayesian:
+            return fit_posterior(self.model, self.guide, x, y, self.prior.initial_posterior(num_tasks), config=cfg,
+                                 steps=steps, generator=generator, callback=callback)
+        theta0 = self.prior.loc.detach().expand(num_tasks, -1)
+        cb = None if callback is None else (lambda k, th: callback(k, Posterior(th)))
+        return Posterior(sgd_adapt(self.model, theta0, x, y, steps, cfg.lr, callback=cb).detach())
+
+    @torch.no_grad()
+    def predict(self, posterior: Posterior, x: Tensor, num_samples: int = 100,
+                generator: torch.Generator | None = None) -> Predictive:
+        """Posterior predictive ``f(x; theta), theta ~ q``: Monte-Carlo mean and spread. ``x [T, N, ...]``."""
+        x = x.to(self.device)
+        n = 1 if posterior.kind == "delta" else num_samples
+        samples = self.model.net(posterior.sample(n, generator), x)
+        return Predictive(samples.mean(0), samples.std(0, unbiased=False), samples)
+
+    # ---------------------------------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        return {"prior": self.prior.state_dict(), "optimizer": self.optimizer.state_dict(), "iteration": self.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prior.load_state_dict(state["prior"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+
+    def to(self, device: torch.device | str) -> "MetaLearner":
+        self.model.to(device)
+        self.optimizer = make_optimizer(self.meta_optimizer, self.prior.parameters(), self.meta_lr)
+        return self

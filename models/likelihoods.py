@@ -1,0 +1,76 @@
+r"""Task likelihoods ``p(D | theta) = exp(-loss)`` (GEM-BML section 2.2).
+
+Each likelihood maps network outputs ``pred [*S, T, N, ...]`` and targets to
+
+- a Pyro distribution whose event covers a task's points (so its batch shape is ``[*S, T]``),
+- ``log_prob(pred, y) -> [*S, T]``, summed over a task's points,
+- ``point_loss(pred, y) -> [*S, T]``, the conventional per-point loss averaged over points (MSE, cross
+  entropy) that the MAML-family baselines minimise, as in their papers.
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Likelihood", "GaussianLikelihood", "CategoricalLikelihood"]
+
+
+class Likelihood:
+    def distribution(self, pred: Tensor) -> dist.TorchDistribution:
+        raise NotImplementedError
+
+    def log_prob(self, pred: Tensor, y: Tensor) -> Tensor:
+        return self.distribution(pred).log_prob(y)
+
+    def point_loss(self, pred: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def check_targets(self, y: Tensor, x: Tensor) -> None:
+        """Raise a clear error if targets ``y`` cannot belong to inputs ``x`` ([T, N, ...] each)."""
+        if y.shape[:2] != x.shape[:2]:
+            raise ValueError(f"targets {tuple(y.shape)} and inputs {tuple(x.shape)} disagree on [tasks, points]")
+
+
+class GaussianLikelihood(Likelihood):
+    r"""``y ~ N(f(x; theta), noise_scale^2)`` independently per point and output.
+
+    Observation-noise choice: a fixed, stated ``noise_scale`` (not learned). The log-likelihood is summed
+    over a task's points, so the data term of the ELBO grows with K while the KL to the prior does not.
+    ``point_loss`` is the mean squared error, the loss the paper's baselines use (appendix C.4.1).
+    """
+
+    def __init__(self, noise_scale: float = 0.1):
+        if not noise_scale > 0:
+            raise ValueError(f"noise_scale must be positive; got {noise_scale}")
+        self.noise_scale = float(noise_scale)
+
+    def distribution(self, pred: Tensor) -> dist.TorchDistribution:
+        return dist.Normal(pred, self.noise_scale, validate_args=False).to_event(2)
+
+    def point_loss(self, pred: Tensor, y: Tensor) -> Tensor:
+        return (pred - y).pow(2).flatten(-2).mean(-1)
+
+    def __repr__(self) -> str:
+        return f"GaussianLikelihood(noise_scale={self.noise_scale})"
+
+
+class CategoricalLikelihood(Likelihood):
+    """``y ~ Categorical(softmax(f(x; theta)))`` per point; ``point_loss`` is the mean cross entropy."""
+
+    def distribution(self, pred: Tensor) -> dist.TorchDistribution:
+        return dist.Categorical(logits=pred, validate_args=False).to_event(1)
+
+    def point_loss(self, pred: Tensor, y: Tensor) -> Tensor:
+        logp = F.log_softmax(pred, dim=-1)
+        return -logp.gather(-1, y.expand(pred.shape[:-1]).unsqueeze(-1)).squeeze(-1).mean(-1)
+
+    def check_targets(self, y: Tensor, x: Tensor) -> None:
+        super().check_targets(y, x)
+        if y.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"class labels must be integers; got {y.dtype}")
+
+    def __repr__(self) -> str:
+        return "CategoricalLikelihood()"

@@ -1,0 +1,120 @@
+r"""Priors ``p(theta; Theta)`` over a network's flat weights, as swappable modules.
+
+A prior owns its hyperparameters ``Theta`` as ``nn.Parameter`` s (no global parameter store). Each prior
+gives the distribution used inside the Pyro model, the posterior the inner update starts from
+(Algorithm 1, subroutine VI: "initialize lambda at Theta"), and where one exists the closed-form GEM
+gradient
+
+.. math::
+    \hat g_\tau = \mathbb{E}_{\theta \sim q_\tau} \nabla_\Theta \log p(\theta; \Theta)
+
+(GEM-BML section 3.2, Theorem 1; Gaussian case in appendix B.7). Priors without a closed form return
+``None`` and the Monte-Carlo form :func:`inference.gem.mc_gem_gradient` is used instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+
+from models.posterior import Posterior
+
+__all__ = ["Prior", "DiagonalGaussianPrior"]
+
+
+class Prior(nn.Module):
+    """Interface every prior follows. ``forward(theta)`` is ``log p(theta; Theta)`` summed over weights."""
+
+    num_params: int
+
+    def distribution(self, num_tasks: int) -> dist.TorchDistribution:
+        """``p(theta; Theta)`` with batch shape ``[num_tasks]`` and event shape ``[P]``."""
+        raise NotImplementedError
+
+    def forward(self, theta: Tensor) -> Tensor:
+        return self.log_prob(theta)
+
+    def log_prob(self, theta: Tensor) -> Tensor:
+        """``log p(theta; Theta)`` for ``theta [..., P]`` -> ``[...]``."""
+        raise NotImplementedError
+
+    def initial_posterior(self, num_tasks: int) -> Posterior:
+        """The per-task guide's starting point: a Gaussian matched to the prior."""
+        raise NotImplementedError
+
+    @property
+    def loc(self) -> Tensor:
+        """The point the MAML-family baselines adapt from (the prior mean)."""
+        raise NotImplementedError
+
+    def gem_gradient(self, posterior: Posterior) -> dict[str, Tensor] | None:
+        """Closed-form per-task GEM gradients ``{name: [T, *param_shape]}``, or ``None`` if there is none."""
+        return None
+
+
+class DiagonalGaussianPrior(Prior):
+    r"""``theta ~ N(mu, diag(sigma^2))`` with ``Theta = (mu, log sigma)``.
+
+    The closed-form GEM gradient for a Gaussian guide ``q = N(m, S)`` (GEM-BML appendix B.7, written in
+    ``(mu, log sigma)`` coordinates; only the diagonal ``v = diag S`` enters)
+
+    .. math::
+        \partial_\mu = \frac{m - \mu}{\sigma^2}, \qquad
+        \partial_{\log\sigma} = \frac{v + (m - \mu)^2}{\sigma^2} - 1 .
+
+    Args:
+        loc: prior mean ``mu`` ``[P]``.
+        log_scale: ``log sigma``, a ``[P]`` tensor or a float broadcast to all weights.
+        learn_scale: if ``False`` the scale is a fixed buffer (the Reptile / MAML limit, section 4).
+    """
+
+    def __init__(self, loc: Tensor, log_scale: Tensor | float = math.log(0.1), learn_scale: bool = True):
+        super().__init__()
+        loc = loc.detach().clone().float() if not loc.is_floating_point() else loc.detach().clone()
+        if loc.dim() != 1:
+            raise ValueError(f"prior loc must be a flat [P] vector; got shape {tuple(loc.shape)}")
+        if not torch.isfinite(loc).all():
+            raise ValueError("prior loc contains NaN or inf")
+        log_scale = torch.as_tensor(log_scale, dtype=loc.dtype, device=loc.device).expand_as(loc).clone()
+        self.num_params = loc.numel()
+        self.mu = nn.Parameter(loc)
+        if learn_scale:
+            self.log_sigma = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_sigma", log_scale)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, scale: float = 0.1, learn_scale: bool = True) -> "DiagonalGaussianPrior":
+        """A prior centred at ``module`` 's current weights with scale ``scale`` on every weight."""
+        loc = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+        return cls(loc, math.log(scale), learn_scale)
+
+    @property
+    def loc(self) -> Tensor:
+        return self.mu
+
+    @property
+    def scale(self) -> Tensor:
+        return self.log_sigma.exp()
+
+    def distribution(self, num_tasks: int) -> dist.TorchDistribution:
+        return dist.Normal(self.mu, self.scale).expand([num_tasks, self.num_params]).to_event(1)
+
+    def log_prob(self, theta: Tensor) -> Tensor:
+        z = (theta - self.mu) / self.scale
+        return (-0.5 * z.pow(2) - self.log_sigma - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def initial_posterior(self, num_tasks: int) -> Posterior:
+        shape = (num_tasks, self.num_params)
+        return Posterior(self.mu.detach().expand(shape).clone(), self.scale.detach().expand(shape).clone())
+
+    def gem_gradient(self, posterior: Posterior) -> dict[str, Tensor]:
+        mu, var_prior = self.mu.detach(), torch.exp(2 * self.log_sigma.detach())
+        diff = posterior.loc - mu
+        grads = {"mu": diff / var_prior}
+        if isinstance(self.log_sigma, nn.Parameter):
+            grads["log_sigma"] = (posterior.variance + diff.pow(2)) / var_prior - 1.0
+        return grads

@@ -1,0 +1,91 @@
+"""The inner update: batched plate SVI, the analytic fast path, limits of GEM, divergence errors."""
+
+import pytest
+import torch
+
+from inference.batch import TaskBatch
+from inference.gem import gem_bml_gradient
+from inference.inner import InnerConfig, InnerLoopDivergedError, fit_posterior, negative_elbo
+from inference.reptile import reptile_gradient
+from models import (DeltaGuide, DiagonalGaussianPrior, FullCovarianceGuide, GaussianLikelihood, HierarchicalModel,
+                    MeanFieldGuide, mlp)
+
+
+def _model(noise_scale=0.5, prior_scale=0.1, learn_scale=True, hidden=(8, 8)):
+    net = mlp(1, hidden, 1)
+    prior = DiagonalGaussianPrior.from_module(net, prior_scale, learn_scale)
+    return HierarchicalModel(net, prior, GaussianLikelihood(noise_scale))
+
+
+def _data(num_tasks=4, num_points=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(num_tasks, num_points, 1, generator=g) * 10 - 5
+    return x, torch.sin(x) * torch.rand(num_tasks, 1, 1, generator=g) * 3
+
+
+@pytest.mark.parametrize("guide", [MeanFieldGuide(), DeltaGuide()], ids=["meanfield", "delta"])
+def test_analytic_fast_path_equals_pyro_trace_mean_field_elbo(float64, guide):
+    model = _model()
+    x, y = _data()
+    params = guide.init_params(model.prior.initial_posterior(4))
+    with torch.no_grad():
+        params["loc"].add_(0.05 * torch.randn_like(params["loc"]))
+    noise = torch.randn(3, 4, model.prior.num_params)
+    fast = negative_elbo(model, guide, params, x, y, model.prior.distribution(4), noise, backend="auto")
+    traced = negative_elbo(model, guide, params, x, y, model.prior.distribution(4), noise, backend="pyro")
+    wrt = [*params.values(), model.prior.mu, model.prior.log_sigma]
+    for a, b in zip(torch.autograd.grad(fast, wrt), torch.autograd.grad(traced, wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert fast.item() == pytest.approx(traced.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("guide,elbo", [(MeanFieldGuide(), "auto"), (MeanFieldGuide(), "pyro"),
+                                        (DeltaGuide(), "auto"), (FullCovarianceGuide(), "pyro")],
+                         ids=["meanfield-fast", "meanfield-pyro", "delta", "fullcov"])
+def test_batched_plate_svi_equals_separate_per_task_svis(float64, guide, elbo):
+    model = _model(hidden=(4,)) if guide.name == "fullcov" else _model()
+    x, y = _data(num_tasks=3)
+    steps, samples, num_params = 6, 2, model.prior.num_params
+    noise = torch.randn(steps, samples, 3, num_params, generator=torch.Generator().manual_seed(1))
+    config = InnerConfig(steps=steps, lr=0.01, optimizer="adam", num_samples=samples, elbo=elbo)
+    start = model.prior.initial_posterior(3)
+    batched = fit_posterior(model, guide, x, y, start, config=config, noise=lambda k, shape: noise[k - 1])
+    for t in range(3):
+        single = fit_posterior(model, guide, x[t:t + 1], y[t:t + 1], start.select(t), config=config,
+                               noise=lambda k, shape, t=t: noise[k - 1][:, t:t + 1])
+        torch.testing.assert_close(single.loc, batched.loc[t:t + 1], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(single.variance, batched.variance[t:t + 1], rtol=1e-9, atol=1e-11)
+
+
+def test_gem_bml_delta_guide_fixed_scale_mean_update_equals_reptile(float64):
+    # -log N(y; f, s^2) summed over N points has the gradient of the mean squared error when s^2 = N / 2,
+    # and a very wide fixed prior makes the MAP inner loop Reptile's unregularised one (GEM-BML section 4).
+    num_points, sigma = 20, 1e4
+    model = _model(noise_scale=(num_points / 2) ** 0.5, prior_scale=sigma, learn_scale=False)
+    x, y = _data(num_tasks=5, num_points=num_points)
+    batch = TaskBatch(x[:, :10], y[:, :10], x[:, 10:], y[:, 10:])
+    config = InnerConfig(steps=5, lr=0.01, optimizer="sgd")
+    gem, _ = gem_bml_gradient(model, DeltaGuide(), batch, config)
+    reptile = reptile_gradient(model, batch, config)
+    assert set(gem) == {"mu"}
+    gem_mean_step = -(gem["mu"] * sigma**2).mean(0)  # descent direction, rescaled by the prior variance
+    torch.testing.assert_close(gem_mean_step, reptile["mu"], rtol=1e-6, atol=1e-9)
+    assert reptile["mu"].abs().max() > 1e-3  # the update is not trivially zero
+
+
+def test_diverging_inner_loop_names_task_and_step():
+    model = _model()
+    x, y = _data(num_tasks=3)
+    y = y.clone()
+    y[1] = 1e30  # task 1's likelihood overflows
+    with pytest.raises(InnerLoopDivergedError, match=r"step 1 .*task\(s\) \[1\]"):
+        fit_posterior(model, MeanFieldGuide(), x, y, model.prior.initial_posterior(3), config=InnerConfig(steps=3))
+
+
+def test_inner_config_rejects_unknown_optimizer_and_bad_values():
+    with pytest.raises(ValueError, match="unknown optimizer 'adamm'"):
+        InnerConfig(optimizer="adamm")
+    with pytest.raises(ValueError, match="bad inner config"):
+        InnerConfig(steps=-1)
+    with pytest.raises(ValueError, match="unknown elbo"):
+        InnerConfig(elbo="jit")
