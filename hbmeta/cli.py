@@ -44,6 +44,7 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (1 is fastest for small nets)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true")
@@ -156,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "evaluate": _cmd_evaluate, "demo": _cmd_demo,
                "gradient-study": _cmd_gradient_study, "bench": _cmd_bench}[args.command]
+    from hbmeta.config import torch_threads
+
     try:
-        return handler(args)
+        with torch_threads(getattr(args, "threads", 1)):  # 1 CPU thread is fastest for the small nets
+            return handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"hbmeta {args.command}: error: {err}", file=sys.stderr)
         return 2

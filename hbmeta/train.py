@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hbmeta.checkpoint import load_checkpoint, save_checkpoint
-from hbmeta.config import TrainConfig, resolve_device
+from hbmeta.config import TrainConfig, resolve_device, torch_threads
 from hbmeta.experiments import get_experiment
 from inference.learner import MetaLearner
 
@@ -31,7 +31,7 @@ __all__ = ["build_learner", "train", "TrainResult", "iteration_generators", "loa
 
 CHECKPOINT = "checkpoint.pt"
 #: fields that may differ between a run and its resumption
-_RESUMABLE_CHANGES = {"iterations", "device", "checkpoint_every", "log_every"}
+_RESUMABLE_CHANGES = {"iterations", "device", "checkpoint_every", "log_every", "threads"}
 
 
 def build_learner(config: TrainConfig, device: torch.device | None = None) -> MetaLearner:
@@ -88,6 +88,13 @@ def _restore(config: TrainConfig, run_dir: Path, learner: MetaLearner) -> int:
 
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
           stop_after: int | None = None) -> TrainResult:
+    """Meta-train per ``config`` into ``run_dir`` (see :func:`_train`), with ``config.threads`` CPU threads."""
+    with torch_threads(config.threads if resolve_device(config.device).type == "cpu" else None):
+        return _train(config, run_dir, resume, progress, stop_after)
+
+
+def _train(config: TrainConfig, run_dir: str | Path, resume: bool, progress: bool,
+           stop_after: int | None) -> TrainResult:
     """Meta-train per ``config`` into ``run_dir``.
 
     Args:

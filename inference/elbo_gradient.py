@@ -35,7 +35,8 @@ def unrolled_guide_params(model: HierarchicalModel, guide: Guide, x: Tensor, y: 
         params["log_scale"] = prior.log_sigma.expand(shape)
     prior_dist = prior.distribution(num_tasks)
     for _ in range(steps):
-        eps = torch.randn((config.num_samples, *shape), generator=generator, device=x.device) if guide.stochastic else None
+        eps = (torch.randn((config.num_samples, *shape), generator=generator, device=x.device, dtype=x.dtype)
+               if guide.stochastic else None)
         loss = negative_elbo(model, guide, params, x, y, prior_dist, eps, config.analytic_kl, config.elbo)
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
         params = {n: p - config.lr * g for (n, p), g in zip(params.items(), grads)}
@@ -46,7 +47,8 @@ def elbo_gradient(model: HierarchicalModel, guide: Guide, x: Tensor, y: Tensor, 
                   generator: torch.Generator | None = None, steps: int | None = None) -> dict[str, Tensor]:
     r"""``grad_Theta ELBO(lambda_K(Theta); Theta)`` summed over tasks (ascent direction of ``L``)."""
     params = unrolled_guide_params(model, guide, x, y, config, generator, steps)
-    eps = (torch.randn((config.num_samples, x.shape[0], model.prior.num_params), generator=generator, device=x.device)
+    eps = (torch.randn((config.num_samples, x.shape[0], model.prior.num_params), generator=generator, device=x.device,
+                       dtype=x.dtype)
            if guide.stochastic else None)
     loss = negative_elbo(model, guide, params, x, y, model.prior.distribution(x.shape[0]), eps, config.analytic_kl,
                          config.elbo)

@@ -54,6 +54,10 @@ class InnerConfig:
         analytic_kl: use ``TraceMeanField_ELBO`` (closed-form KL where it exists) instead of ``Trace_ELBO``.
         val_steps: steps of the second update VI(lambda_tr, D_val) in GEM-BML+; ``None`` means ``steps``.
         elbo: ``"auto"`` (analytic torch fast path where it applies, else Pyro) or ``"pyro"`` (always traced).
+        scale_lr: learning rate of the guide's scale parameters (``log_scale``, Cholesky factors); ``None``
+            means ``lr``. With SGD the gradient of ``log s`` is about ``s^2 H`` (``H`` the likelihood's
+            curvature), orders of magnitude below the mean's, so a shared rate leaves posterior variances
+            at the prior's and GEM's scale update inflates the prior; a larger ``scale_lr`` fixes that.
     """
 
     steps: int = 5
@@ -63,6 +67,7 @@ class InnerConfig:
     analytic_kl: bool = True
     val_steps: int | None = None
     elbo: str = "auto"
+    scale_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.elbo not in ("auto", "pyro"):
@@ -202,7 +207,11 @@ def fit_posterior(
     if prior is None:
         with torch.no_grad():
             prior = model.prior.distribution(x.shape[0])
-    opt = make_optimizer(config.optimizer, list(params.values()), config.lr)
+    scale_lr = config.lr if config.scale_lr is None else config.scale_lr
+    groups = [{"params": [params["loc"]], "lr": config.lr}]
+    if len(params) > 1:
+        groups.append({"params": [p for n, p in params.items() if n != "loc"], "lr": scale_lr})
+    opt = make_optimizer(config.optimizer, groups, config.lr)
     draw = noise or _standard_normal(generator, start.loc)
     shape = torch.Size((config.num_samples, *start.loc.shape))
     if callback is not None:

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+torch.set_num_threads(1)  # the tests' networks are tiny: one thread is several times faster than two
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch():

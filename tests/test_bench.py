@@ -1,0 +1,62 @@
+"""The step benchmark (``hbmeta bench step``): structure of its result and the memory property it shows.
+
+Memory is measured as saved-for-backward bytes, which is deterministic; timings are not asserted.
+"""
+
+import json
+
+import pytest
+import torch
+
+from hbmeta.bench import LOWER_BOUND, StepBenchConfig, format_step_table, peak_saved_bytes, run_step_benchmark, write_step_benchmark
+
+ALGORITHMS = ("gem-bml+", "maml", "fomaml", "reptile", "abml")
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run_step_benchmark(StepBenchConfig(steps=(1, 3), repeats=1, warmup=0, meta_batch=4))
+
+
+def saved(result, name, steps):
+    return next(r["saved_bytes"] for r in result["rows"] if r["algorithm"] == name and r["steps"] == steps)
+
+
+def test_step_benchmark_has_a_row_per_algorithm_and_step_count(result):
+    pairs = {(r["algorithm"], r["steps"]) for r in result["rows"]}
+    assert pairs == {(n, k) for n in (*ALGORITHMS, LOWER_BOUND) for k in (1, 3)}
+    for r in result["rows"]:
+        assert r["ms_per_iter"] > 0 and len(r["ms_all"]) == 1 and r["saved_bytes"] > 0
+    assert set(result["lower_bound_ratio"]) == {"1", "3"}
+    assert {"gem_memory_flat", "hbmeta_within_1.3x_lower_bound"} <= set(result["targets"])
+
+
+def test_maml_saved_memory_grows_with_inner_steps_gem_plus_does_not(result):
+    assert saved(result, "maml", 3) > saved(result, "maml", 1)
+    assert saved(result, "abml", 3) > saved(result, "abml", 1)
+    assert saved(result, "gem-bml+", 3) == saved(result, "gem-bml+", 1)
+    assert saved(result, LOWER_BOUND, 3) == saved(result, LOWER_BOUND, 1)
+    assert result["targets"]["gem_memory_flat"]["met"] is True
+
+
+def test_peak_saved_bytes_counts_live_graphs_not_freed_ones():
+    x = torch.zeros(1000, requires_grad=True)  # 4000 bytes
+
+    def one_graph_at_a_time():
+        for _ in range(3):
+            (x.exp() * x).sum().backward()  # saves x and exp(x); freed by backward
+
+    def three_graphs_alive():
+        losses = [(x.exp() * x).sum() for _ in range(3)]
+        return losses
+
+    assert peak_saved_bytes(one_graph_at_a_time) == 8000
+    assert peak_saved_bytes(three_graphs_alive) == 4000 + 3 * 4000  # x deduplicated, three exp(x) outputs
+
+
+def test_table_and_output_files(result, tmp_path):
+    table = format_step_table(result)
+    assert table.startswith("| algorithm |") and "gem-bml+" in table and LOWER_BOUND in table
+    paths = write_step_benchmark(result, tmp_path / "out")
+    assert json.loads(paths["json"].read_text())["rows"] == result["rows"]
+    assert paths["png"].stat().st_size > 0 and paths["markdown"].read_text().startswith("| algorithm |")
