@@ -34,7 +34,8 @@ def _add_train(sub) -> None:
     p.add_argument("--inner-steps", type=int, default=None)
     p.add_argument("--inner-lr", type=float, default=None)
     p.add_argument("--inner-optimizer", default=None, help="adam, sgd or any torch.optim name")
-    p.add_argument("--num-samples", type=int, default=d.num_samples, help="Monte-Carlo samples per inner step")
+    p.add_argument("--num-samples", type=int, default=None, help="Monte-Carlo samples per inner step")
+    p.add_argument("--clip-norm", type=float, default=None, help="per-task gradient clipping in the inner loop")
     p.add_argument("--test-steps", type=int, default=d.test_steps)
     p.add_argument("--meta-lr", type=float, default=d.meta_lr)
     p.add_argument("--prior-scale", type=float, default=d.prior_scale)
@@ -127,30 +128,31 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _cmd_gradient_study(args) -> int:
-    from hbmeta.gradient_study import GradientStudyConfig, format_table, run_gradient_study, write_gradient_study
+def _report(config, run, format_table, write, out: str) -> int:
+    """Run a study or benchmark, print its Markdown table and write its files into ``out``."""
+    result = run(config)
+    print(format_table(result))
+    write(result, out)
+    print(f"\nwrote {out}")
+    return 0
 
-    config = GradientStudyConfig(seed=args.seed)
+
+def _cmd_gradient_study(args) -> int:
+    from hbmeta import gradient_study as gs
+
+    config = gs.GradientStudyConfig(seed=args.seed)
     if args.repeats is not None:
         config.repeats = args.repeats
-    result = run_gradient_study(config)
-    print(format_table(result))
-    write_gradient_study(result, args.out)
-    print(f"\nwrote {args.out}/gradient_study.json and gradient_study.png")
-    return 0
+    return _report(config, gs.run_gradient_study, gs.format_table, gs.write_gradient_study, args.out)
 
 
 def _cmd_bench(args) -> int:
-    from hbmeta.bench import StepBenchConfig, format_step_table, run_step_benchmark, write_step_benchmark
+    from hbmeta import bench
 
-    config = StepBenchConfig(device=args.device)
+    config = bench.StepBenchConfig(device=args.device)
     if args.repeats is not None:
         config.repeats = args.repeats
-    result = run_step_benchmark(config)
-    print(format_step_table(result))
-    write_step_benchmark(result, args.out)
-    print(f"\nwrote {args.out}")
-    return 0
+    return _report(config, bench.run_step_benchmark, bench.format_step_table, bench.write_step_benchmark, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,26 +8,18 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from inference.inner import InnerConfig
-from inference.learner import get_algorithm
+from inference.learner import default_inner, get_algorithm
 
 __all__ = ["TrainConfig", "resolve_device", "torch_threads"]
-
-#: inner-update defaults per (family): the Bayesian algorithms run VI on summed log-likelihoods, the
-#: point-estimate baselines run SGD on the mean loss with the MAML learning rate (appendix C.4.1 / Finn et al.)
-_INNER_DEFAULTS = {
-    "bayesian": dict(inner_optimizer="sgd", inner_lr=0.002, inner_steps=5),
-    "point": dict(inner_optimizer="sgd", inner_lr=0.01, inner_steps=5),
-}
-
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
     return torch.device(name)
 
 
@@ -60,10 +52,11 @@ class TrainConfig:
     inner_steps: int | None = None
     inner_lr: float | None = None
     inner_optimizer: str | None = None
-    num_samples: int = 2
+    num_samples: int | None = None
+    clip_norm: float | None = None
     test_steps: int = 10
     meta_lr: float = 1e-3
-    prior_scale: float = 0.05
+    prior_scale: float = 0.02
     noise_scale: float = 0.5
     guide: str = "meanfield"
     gem_plus_mode: str = "sequential"
@@ -74,17 +67,18 @@ class TrainConfig:
     threads: int | None = 1
 
     def __post_init__(self) -> None:
-        spec = get_algorithm(self.algorithm)
-        self.algorithm = spec.name
-        for key, value in _INNER_DEFAULTS["bayesian" if spec.bayesian else "point"].items():
+        self.algorithm = get_algorithm(self.algorithm).name
+        default = default_inner(self.algorithm)
+        for key, attr in (("inner_steps", "steps"), ("inner_lr", "lr"), ("inner_optimizer", "optimizer"),
+                          ("num_samples", "num_samples"), ("clip_norm", "clip_norm")):
             if getattr(self, key) is None:
-                setattr(self, key, value)
+                setattr(self, key, getattr(default, attr))
         if self.iterations < 0 or self.meta_batch < 1:
             raise ValueError(f"iterations must be >= 0 and meta_batch >= 1; got {self.iterations}, {self.meta_batch}")
 
     def inner(self) -> InnerConfig:
         return InnerConfig(steps=self.inner_steps, lr=self.inner_lr, optimizer=self.inner_optimizer,
-                           num_samples=self.num_samples)
+                           num_samples=self.num_samples, clip_norm=self.clip_norm)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from hbmeta.tasks import SinusoidTasks
+from hbmeta.tasks import SinusoidBatch, SinusoidTasks
 from inference.learner import MetaLearner
 
-__all__ = ["evaluate_regression", "mean_ci95"]
+__all__ = ["evaluate_regression", "regression_errors", "mean_ci95"]
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -25,6 +25,21 @@ def _mse(learner: MetaLearner, posterior, x, y, num_samples, generator) -> torch
     return (pred.mean - y.to(pred.mean.device)).pow(2).flatten(1).mean(1).cpu()
 
 
+def regression_errors(learner: MetaLearner, batch: SinusoidBatch, steps: tuple[int, ...] = (0, 1, 5, 10),
+                      num_samples: int = 32, seed: int = 12345) -> dict[int, torch.Tensor]:
+    """Per-task query MSE ``[T]`` of the posterior-predictive mean after each number of adaptation steps."""
+    noise_gen = torch.Generator(device=learner.device).manual_seed(seed + 1)
+    out: dict[int, torch.Tensor] = {}
+    wanted = set(steps)
+
+    def record(step: int, posterior) -> None:
+        if step in wanted:
+            out[step] = _mse(learner, posterior, batch.x_val, batch.y_val, num_samples, noise_gen)
+
+    learner.adapt(batch.x_train, batch.y_train, steps=max(steps), generator=noise_gen, callback=record)
+    return {k: out[k] for k in sorted(out)}
+
+
 def evaluate_regression(learner: MetaLearner, tasks: SinusoidTasks, steps: tuple[int, ...] = (0, 1, 5, 10),
                         num_tasks: int = 100, num_points: int = 100, num_samples: int = 32, seed: int = 12345
                         ) -> dict[int, dict[str, float]]:
@@ -33,16 +48,6 @@ def evaluate_regression(learner: MetaLearner, tasks: SinusoidTasks, steps: tuple
 
     The same tasks (``seed``) are used for every learner so that numbers are comparable.
     """
-    gen = torch.Generator().manual_seed(seed)
-    batch = tasks.sample(num_tasks, gen, k_query=num_points)
-    noise_gen = torch.Generator(device=learner.device).manual_seed(seed + 1)
-    out: dict[int, dict[str, float]] = {}
-    wanted = set(steps)
-
-    def record(step: int, posterior) -> None:
-        if step in wanted:
-            mean, ci = mean_ci95(_mse(learner, posterior, batch.x_val, batch.y_val, num_samples, noise_gen))
-            out[step] = {"mse": mean, "ci95": ci}
-
-    learner.adapt(batch.x_train, batch.y_train, steps=max(steps), inner=None, generator=noise_gen, callback=record)
-    return {k: out[k] for k in sorted(out)}
+    batch = tasks.sample(num_tasks, torch.Generator().manual_seed(seed), k_query=num_points)
+    errors = regression_errors(learner, batch, steps, num_samples, seed)
+    return {k: dict(zip(("mse", "ci95"), mean_ci95(v))) for k, v in errors.items()}

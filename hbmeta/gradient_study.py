@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from inference.inner import InnerConfig, fit_posterior, negative_elbo
-from models.guides import make_guide
+from models.guides import MeanFieldGuide, make_guide
 from models.hierarchical import HierarchicalModel
 from models.likelihoods import GaussianLikelihood
 from models.linear import exact_log_marginal, linear_network
@@ -172,7 +172,8 @@ def _run(config: GradientStudyConfig) -> dict:
                               GaussianLikelihood(config.noise_scale))
     rows, errors = [], {}
     for i, name in enumerate(config.guides):
-        guide = make_guide(name)
+        # plain (m, log s) coordinates for both estimators: the same SGD trajectory, and the stability check above holds
+        guide = MeanFieldGuide(whiten=False) if name == "meanfield" else make_guide(name)
         gen = torch.Generator().manual_seed(config.seed + 1000 * (i + 1))
         noise = torch.randn(max(config.iterations), config.num_samples, *mu.shape, generator=gen, dtype=DTYPE)
         estimates = {"GEM": _gem_estimates(model, guide, x, y, mu, log_sigma, config, noise),

@@ -30,16 +30,23 @@ def unrolled_guide_params(model: HierarchicalModel, guide: Guide, x: Tensor, y: 
         raise ValueError("the ELBO-gradient (ABML) baseline needs a DiagonalGaussianPrior and a meanfield or delta guide")
     steps = config.steps if steps is None else steps
     num_tasks, shape = x.shape[0], (x.shape[0], prior.num_params)
-    params = {"loc": prior.mu.expand(shape)}
-    if guide.name == "meanfield":
-        params["log_scale"] = prior.log_sigma.expand(shape)
+    mu, log_sigma = prior.mu.expand(shape), prior.log_sigma.expand(shape)
+    if guide.name == "delta":
+        params = {"loc": mu}
+    elif getattr(guide, "whiten", False):  # unroll in the guide's own coordinates: theta = mu + sigma (z + e^rho eps)
+        zeros = torch.zeros(shape, dtype=mu.dtype, device=mu.device)
+        params = {"z": zeros.clone().requires_grad_(), "rho": zeros.clone().requires_grad_(),
+                  "ref_loc": mu, "ref_scale": log_sigma.exp()}
+    else:
+        params = {"loc": mu, "log_scale": log_sigma}
+    trainable = [n for n in params if not n.startswith("ref_")]
     prior_dist = prior.distribution(num_tasks)
     for _ in range(steps):
         eps = (torch.randn((config.num_samples, *shape), generator=generator, device=x.device, dtype=x.dtype)
                if guide.stochastic else None)
         loss = negative_elbo(model, guide, params, x, y, prior_dist, eps, config.analytic_kl, config.elbo)
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-        params = {n: p - config.lr * g for (n, p), g in zip(params.items(), grads)}
+        grads = torch.autograd.grad(loss, [params[n] for n in trainable], create_graph=True)
+        params = {**params, **{n: params[n] - config.lr * g for n, g in zip(trainable, grads)}}
     return params
 
 

@@ -54,10 +54,11 @@ class InnerConfig:
         analytic_kl: use ``TraceMeanField_ELBO`` (closed-form KL where it exists) instead of ``Trace_ELBO``.
         val_steps: steps of the second update VI(lambda_tr, D_val) in GEM-BML+; ``None`` means ``steps``.
         elbo: ``"auto"`` (analytic torch fast path where it applies, else Pyro) or ``"pyro"`` (always traced).
-        scale_lr: learning rate of the guide's scale parameters (``log_scale``, Cholesky factors); ``None``
-            means ``lr``. With SGD the gradient of ``log s`` is about ``s^2 H`` (``H`` the likelihood's
-            curvature), orders of magnitude below the mean's, so a shared rate leaves posterior variances
-            at the prior's and GEM's scale update inflates the prior; a larger ``scale_lr`` fixes that.
+        scale_lr: learning rate of the guide's scale parameters (``rho`` / ``log_scale``, Cholesky factors);
+            ``None`` means ``lr``.
+        clip_norm: clip each task's gradient (over all its guide parameters) to this norm before the step;
+            ``None`` = no clipping. Per task, so the batched update stays T independent updates. Guards SGD
+            against the rare task whose likelihood curvature exceeds the step size's stability bound.
     """
 
     steps: int = 5
@@ -68,6 +69,7 @@ class InnerConfig:
     val_steps: int | None = None
     elbo: str = "auto"
     scale_lr: float | None = None
+    clip_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.elbo not in ("auto", "pyro"):
@@ -141,12 +143,12 @@ def _analytic_negative_elbo(model, guide, params, x, y, prior, noise) -> Tensor 
     if moments is None or guide.name not in ("meanfield", "delta"):
         return None
     mu, sigma = moments
-    loc = params["loc"]
     if guide.name == "meanfield":
-        log_s = params["log_scale"]
+        loc, log_s = guide.moments(params)
         theta = loc if noise is None else loc + log_s.exp() * noise
         kl = (sigma.log() - log_s + (torch.exp(2 * log_s) + (loc - mu).pow(2)) / (2 * sigma.pow(2)) - 0.5).sum()
     else:
+        loc = params["loc"]
         theta = loc.unsqueeze(0) if noise is None else loc.expand(noise.shape)
         kl = -(torch.distributions.Normal(mu, sigma, validate_args=False).log_prob(loc)).sum()
     if theta.dim() == 2:
@@ -160,16 +162,27 @@ def _standard_normal(generator: torch.Generator | None, like: Tensor) -> NoiseFn
     return draw
 
 
-def _diverged_tasks(model: HierarchicalModel, params: dict[str, Tensor], x: Tensor, y: Tensor) -> list[int]:
+def _diverged_tasks(model: HierarchicalModel, guide: Guide, params: dict[str, Tensor], x: Tensor, y: Tensor
+                    ) -> list[int]:
     """Tasks whose parameters, gradients or log-likelihood at the guide's mean are NaN / inf."""
-    loc = params["loc"].detach()
+    post = guide.posterior(params).detach()
     with torch.no_grad():
-        bad = ~torch.isfinite(model.log_likelihood(loc.unsqueeze(0), x, y)[0])
+        bad = ~torch.isfinite(model.log_likelihood(post.loc.unsqueeze(0), x, y)[0])
+        if post.kind != "delta":
+            bad |= ~(post.variance > 0).all(1)
     for p in params.values():
         for t in (p, p.grad):
             if t is not None:
                 bad |= ~torch.isfinite(t.detach()).flatten(1).all(1)
     return bad.nonzero().flatten().tolist()
+
+
+def _clip_per_task(params: list[Tensor], max_norm: float) -> None:
+    """Scale each task's gradient (row ``t`` of every parameter) to norm at most ``max_norm``, in place."""
+    norms = torch.sqrt(sum(p.grad.pow(2).flatten(1).sum(1) for p in params))
+    factor = (max_norm / (norms + 1e-12)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(factor.view(-1, *[1] * (p.grad.dim() - 1)))
 
 
 def fit_posterior(
@@ -203,14 +216,15 @@ def fit_posterior(
         InnerLoopDivergedError: when the ELBO becomes NaN / inf, naming the task(s) and the step.
     """
     steps = config.steps if steps is None else steps
-    params = guide.init_params(start)
     if prior is None:
         with torch.no_grad():
             prior = model.prior.distribution(x.shape[0])
+    params = guide.init_params(start, _diagonal_normal(prior))
     scale_lr = config.lr if config.scale_lr is None else config.scale_lr
-    groups = [{"params": [params["loc"]], "lr": config.lr}]
-    if len(params) > 1:
-        groups.append({"params": [p for n, p in params.items() if n != "loc"], "lr": scale_lr})
+    trainable = [p for p in params.values() if p.requires_grad]
+    location = [p for n, p in params.items() if n in ("loc", "z")]
+    others = [p for n, p in params.items() if n not in ("loc", "z") and p.requires_grad]
+    groups = [{"params": location, "lr": config.lr}] + ([{"params": others, "lr": scale_lr}] if others else [])
     opt = make_optimizer(config.optimizer, groups, config.lr)
     draw = noise or _standard_normal(generator, start.loc)
     shape = torch.Size((config.num_samples, *start.loc.shape))
@@ -224,13 +238,17 @@ def fit_posterior(
         if not torch.isfinite(loss):
             raise InnerLoopDivergedError(
                 f"inner loop diverged at step {step} of {steps}: the ELBO is {loss.item()} for task(s) "
-                f"{_diverged_tasks(model, params, x, y) or 'unknown'}; lower the inner learning rate (now {config.lr})")
+                f"{_diverged_tasks(model, guide, params, x, y) or 'unknown'}; lower the inner learning rate (now {config.lr})")
+        if config.clip_norm is not None:
+            _clip_per_task(trainable, config.clip_norm)
         opt.step()
         if callback is not None:
             callback(step, guide.posterior(params).detach())
     posterior = guide.posterior(params).detach()
-    if not (torch.isfinite(posterior.loc).all() and torch.isfinite(posterior.variance).all()):
+    variance = posterior.variance
+    if not (torch.isfinite(posterior.loc).all() and torch.isfinite(variance).all()
+            and (posterior.kind == "delta" or (variance > 0).all())):
         raise InnerLoopDivergedError(
-            f"inner loop diverged by step {steps}: the posterior of task(s) {_diverged_tasks(model, params, x, y)} "
-            f"has NaN/inf parameters; lower the inner learning rate (now {config.lr})")
+            f"inner loop diverged by step {steps}: the posterior of task(s) {_diverged_tasks(model, guide, params, x, y)} "
+            f"has NaN/inf/zero-scale parameters; lower the inner learning rate (now {config.lr})")
     return posterior

@@ -63,8 +63,12 @@ class Guide:
     #: whether draws need noise (False for a point mass)
     stochastic: bool = True
 
-    def init_params(self, start: Posterior) -> dict[str, Tensor]:
-        """Parameters that represent ``start`` (the prior, or an earlier posterior), as fresh leaf tensors."""
+    def init_params(self, start: Posterior, reference: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+        """Parameters that represent ``start`` (the prior, or an earlier posterior), as fresh leaf tensors.
+
+        ``reference`` is the diagonal Gaussian ``(loc, scale)`` of the prior inside the ELBO, for guides that
+        parametrise themselves relative to it; entries that do not require grad are not optimised.
+        """
         raise NotImplementedError
 
     def distribution(self, params: dict[str, Tensor], noise: Tensor | None) -> dist.TorchDistribution:
@@ -80,23 +84,56 @@ class Guide:
 
 
 class MeanFieldGuide(Guide):
-    r"""Per-task diagonal Normal ``q = N(m_tau, diag s_tau^2)``; ``lambda = (m, log s)``. The default."""
+    r"""Per-task diagonal Normal ``q = N(m_tau, diag s_tau^2)``. The default.
+
+    With ``whiten=True`` (default) the parameters are whitened against a reference Gaussian
+    ``N(mu_ref, sigma_ref^2)`` - the prior inside the ELBO - as in a non-centred parametrisation:
+
+    .. math:: m = \mu_{ref} + \sigma_{ref}\, z, \qquad s = \sigma_{ref}\, e^{\rho}, \qquad \lambda = (z, \rho)
+
+    It is the same variational family, but in ``(z, rho)`` the KL term has unit curvature whatever the
+    prior's scale, and the mean and the scale get gradients of the same size (in ``(m, log s)`` the scale's
+    gradient is ~ ``s^2 H``, orders of magnitude below the mean's). Plain SGD on the inner update is then
+    stable for ``lr < 2 / (1 + sigma^2 H)`` instead of ``lr < 2 sigma^2``, and posterior variances actually
+    shrink where the data are informative. ``whiten=False`` optimises ``(m, log s)`` directly.
+    """
 
     name = "meanfield"
 
-    def init_params(self, start: Posterior) -> dict[str, Tensor]:
-        scale = start.variance.sqrt().clamp_min(1e-8)
-        return {"loc": start.loc.detach().clone().requires_grad_(), "log_scale": scale.detach().log().requires_grad_()}
+    def __init__(self, whiten: bool = True):
+        self.whiten = whiten
+
+    def init_params(self, start: Posterior, reference: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+        """``reference``: the ``(loc, scale)`` to whiten against (broadcastable to ``[T, P]``)."""
+        loc, scale = start.loc.detach(), start.variance.sqrt().clamp_min(1e-8).detach()
+        if not self.whiten or reference is None:
+            return {"loc": loc.clone().requires_grad_(), "log_scale": scale.log().requires_grad_()}
+        ref_loc, ref_scale = (r.detach().expand_as(loc) for r in reference)
+        return {"z": ((loc - ref_loc) / ref_scale).requires_grad_(),
+                "rho": (scale.log() - ref_scale.log()).requires_grad_(),
+                "ref_loc": ref_loc, "ref_scale": ref_scale}
+
+    @staticmethod
+    def moments(params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(m, log s)`` of the guide, whatever its parametrisation."""
+        if "z" in params:
+            return params["ref_loc"] + params["ref_scale"] * params["z"], params["ref_scale"].log() + params["rho"]
+        return params["loc"], params["log_scale"]
 
     def distribution(self, params, noise):
-        loc, scale = params["loc"], params["log_scale"].exp()
+        loc, log_scale = self.moments(params)
+        scale = log_scale.exp()
         if noise is None:
             return dist.Normal(loc, scale).to_event(1)
         shape = noise.shape[:-1] + loc.shape[-1:]
         return _NoiseNormal(loc.expand(shape), scale.expand(shape), noise).to_event(1)
 
     def posterior(self, params):
-        return Posterior(params["loc"], params["log_scale"].exp())
+        loc, log_scale = self.moments(params)
+        return Posterior(loc, log_scale.exp())
+
+    def __repr__(self) -> str:
+        return f"MeanFieldGuide(whiten={self.whiten})"
 
 
 class DeltaGuide(Guide):
@@ -105,7 +142,7 @@ class DeltaGuide(Guide):
     name = "delta"
     stochastic = False
 
-    def init_params(self, start: Posterior) -> dict[str, Tensor]:
+    def init_params(self, start: Posterior, reference=None) -> dict[str, Tensor]:
         return {"loc": start.loc.detach().clone().requires_grad_()}
 
     def distribution(self, params, noise):
@@ -127,7 +164,7 @@ class FullCovarianceGuide(Guide):
 
     name = "fullcov"
 
-    def init_params(self, start: Posterior) -> dict[str, Tensor]:
+    def init_params(self, start: Posterior, reference=None) -> dict[str, Tensor]:
         tril = start.scale_tril if start.scale_tril is not None else torch.diag_embed(start.variance.sqrt())
         diag = torch.diagonal(tril, dim1=-2, dim2=-1).clamp_min(1e-8)
         return {"loc": start.loc.detach().clone().requires_grad_(),
