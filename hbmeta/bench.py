@@ -23,6 +23,7 @@ same math, same Adam inner optimiser, so ``hbmeta / lower bound`` is the price o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -38,23 +39,21 @@ from torch import Tensor, nn
 from hbmeta.tasks import SinusoidTasks
 from inference.batch import TaskBatch
 from inference.inner import InnerConfig
-from inference.learner import MetaLearner
+from inference.learner import MetaLearner, default_inner
 from models.functional import mlp
 from models.likelihoods import GaussianLikelihood
 
 __all__ = ["StepBenchConfig", "TorchGemPlus", "peak_saved_bytes", "run_step_benchmark", "format_step_table",
-           "write_step_benchmark", "LOWER_BOUND"]
+           "write_step_benchmark", "LOWER_BOUND", "PYRO_TRACED"]
 
 LOWER_BOUND = "torch gem-bml+ (lower bound)"
-#: inner optimiser per algorithm: Adam for GEM (paper's choice) and Reptile (its configured default), SGD for
-#: MAML/FOMAML (their standard); ABML unrolls plain SGD whatever is configured.
-INNER_OPTIMIZER = {"gem-bml": "adam", "gem-bml+": "adam", "reptile": "adam", "maml": "sgd", "fomaml": "sgd",
-                   "abml": "sgd", "pretrain": "sgd"}
+#: GEM-BML+ with the ELBO traced by Pyro every inner step (``InnerConfig(elbo="pyro")``) instead of the fast path
+PYRO_TRACED = "gem-bml+ (pyro-traced elbo)"
 
 
 @dataclass
 class StepBenchConfig:
-    """Settings of the step benchmark (sinusoid, K=10 support / 10 query, Gaussian noise 0.1)."""
+    """Settings of the step benchmark (sinusoid, K=10 support / 10 query, Gaussian noise 0.5)."""
 
     steps: tuple[int, ...] = (1, 5, 10, 20)
     meta_batch: int = 25
@@ -62,12 +61,10 @@ class StepBenchConfig:
     warmup: int = 1
     device: str = "cpu"
     seed: int = 0
-    algorithms: tuple[str, ...] = ("gem-bml+", "maml", "fomaml", "reptile", "abml")
-    inner_lr: float = 0.01
-    #: ABML unrolls SGD on the *summed* negative ELBO (gradient ~ 2K/noise^2 = 2000x that of a mean MSE over
-    #: its 20 points), so SGD at ``inner_lr`` diverges; 1e-5 takes MAML's step size in those units.
-    abml_lr: float = 1e-5
-    noise_scale: float = 0.1
+    algorithms: tuple[str, ...] = ("gem-bml+", PYRO_TRACED, "maml", "fomaml", "reptile", "abml")
+    #: ABML's unrolled SGD (whitened guide, no clipping) at this rate: stable from the initial prior
+    abml_lr: float = 0.1
+    noise_scale: float = 0.5
     lower_bound: bool = True
     #: torch intra-op threads during the run (restored after); the tensors are small and on a shared
     #: machine spinning OpenMP workers make 2+ threads erratic (10-100x outliers). ``None``: torch's default.
@@ -77,20 +74,21 @@ class StepBenchConfig:
 class TorchGemPlus:
     """GEM-BML+ (sequential) meta-step in plain torch: the reference a library cannot beat.
 
-    Mean-field guide, analytic KL to the diagonal Gaussian prior, summed Gaussian log-likelihood, one MC
-    sample, Adam; ``q1`` = VI from the prior on D_tr, ``q2`` = VI from q1 with prior q1 on D_val; then
-    the closed form ``d mu = (m2 - m1)/sigma^2``, ``d log sigma = (s2^2 + (m2-mu)^2 - s1^2 - (m1-mu)^2)/sigma^2``
+    The same math as hbmeta's default GEM-BML+: whitened mean-field guide ``theta = m_ref + s_ref (z + e^rho eps)``
+    against the prior in use, analytic KL, summed Gaussian log-likelihood, ``S`` Monte-Carlo samples, SGD with
+    per-task gradient clipping; ``q1`` = VI from the prior on D_tr, ``q2`` = VI from q1 with prior q1 on D_val;
+    then the closed form ``d mu = (m2 - m1)/sigma^2``, ``d log sigma = (s2^2 + (m2-mu)^2 - s1^2 - (m1-mu)^2)/sigma^2``
     averaged over tasks, handed to an Adam meta-optimiser (as :class:`MetaLearner` does). Additive constants
     of the ELBO are left out (they change no gradient).
     """
 
-    def __init__(self, net: nn.Sequential, steps: int, lr: float, noise_scale: float, prior_scale: float = 0.1,
+    def __init__(self, net: nn.Sequential, inner: InnerConfig, noise_scale: float, prior_scale: float = 0.02,
                  meta_lr: float = 1e-3, device: str = "cpu"):
         self.linears = [(m.out_features, m.in_features) for m in net if isinstance(m, nn.Linear)]
         loc = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).to(device)
         self.mu = nn.Parameter(loc)
         self.log_sigma = nn.Parameter(torch.full_like(loc, math.log(prior_scale)))
-        self.steps, self.lr, self.noise = steps, lr, noise_scale
+        self.inner, self.noise = inner, noise_scale
         self.meta_opt = torch.optim.Adam([self.mu, self.log_sigma], lr=meta_lr)
 
     def forward(self, theta: Tensor, x: Tensor) -> Tensor:
@@ -105,28 +103,33 @@ class TorchGemPlus:
                 h = torch.relu(h)
         return h
 
-    def vi(self, x: Tensor, y: Tensor, loc0: Tensor, scale0: Tensor, prior_loc: Tensor, prior_scale: Tensor,
+    def vi(self, x: Tensor, y: Tensor, loc0: Tensor, scale0: Tensor, ref_loc: Tensor, ref_scale: Tensor,
            generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """``steps`` Adam steps on the summed negative ELBO of all tasks; returns detached ``(m, s)``."""
-        loc = loc0.detach().clone().requires_grad_()
-        log_s = scale0.detach().log().requires_grad_()
-        opt = torch.optim.Adam([loc, log_s], lr=self.lr)
-        prior_var, log_prior_scale = prior_scale.pow(2), prior_scale.log()
-        for _ in range(self.steps):
-            eps = torch.randn((1, *loc.shape), generator=generator, device=loc.device)
-            scale = log_s.exp()
-            pred = self.forward(loc + scale * eps, x)
-            nll = 0.5 * ((pred - y) / self.noise).pow(2).sum()
-            kl = (log_prior_scale - log_s + 0.5 * (scale.pow(2) + (loc - prior_loc).pow(2)) / prior_var - 0.5).sum()
+        """``steps`` SGD steps on the summed negative ELBO of all tasks; returns detached ``(m, s)``."""
+        cfg = self.inner
+        z = ((loc0 - ref_loc) / ref_scale).requires_grad_()
+        rho = (scale0.log() - ref_scale.log()).requires_grad_()
+        opt = torch.optim.SGD([z, rho], lr=cfg.lr)
+        for _ in range(cfg.steps):
+            eps = torch.randn((cfg.num_samples, *z.shape), generator=generator, device=z.device)
+            theta = ref_loc + ref_scale * (z + rho.exp() * eps)
+            nll = 0.5 * ((self.forward(theta, x) - y) / self.noise).pow(2).sum() / cfg.num_samples
+            kl = (-rho + 0.5 * (torch.exp(2 * rho) + z.pow(2)) - 0.5).sum()
             opt.zero_grad(set_to_none=True)
             (nll + kl).backward()
+            if cfg.clip_norm is not None:
+                norm = torch.sqrt(z.grad.pow(2).sum(1) + rho.grad.pow(2).sum(1))
+                factor = (cfg.clip_norm / (norm + 1e-12)).clamp(max=1.0).unsqueeze(1)
+                z.grad.mul_(factor)
+                rho.grad.mul_(factor)
             opt.step()
-        return loc.detach(), log_s.detach().exp()
+        return (ref_loc + ref_scale * z).detach(), (ref_scale * rho.exp()).detach()
 
     def meta_step(self, batch: TaskBatch, generator: torch.Generator | None = None) -> None:
         mu, sigma = self.mu.detach(), self.log_sigma.detach().exp()
         shape = (batch.num_tasks, mu.numel())
-        m1, s1 = self.vi(batch.x_train, batch.y_train, mu.expand(shape), sigma.expand(shape), mu, sigma, generator)
+        mu_t, sigma_t = mu.expand(shape), sigma.expand(shape)
+        m1, s1 = self.vi(batch.x_train, batch.y_train, mu_t, sigma_t, mu_t, sigma_t, generator)
         m2, s2 = self.vi(batch.x_val, batch.y_val, m1, s1, m1, s1, generator)
         var = sigma.pow(2)
         self.meta_opt.zero_grad(set_to_none=True)
@@ -168,15 +171,21 @@ def peak_saved_bytes(fn, *args) -> int:
 
 
 def _runner(name: str, steps: int, config: StepBenchConfig):
-    """A ``meta_step(batch, generator)`` callable for one (algorithm, steps) pair, with fresh state."""
+    """A ``meta_step(batch, generator)`` callable for one (algorithm, steps) pair, with fresh state.
+
+    Every algorithm runs with hbmeta's defaults for its family (:func:`inference.learner.default_inner`)
+    at ``steps`` inner steps; the lower bound runs GEM-BML+'s defaults.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         net = mlp()
+    algorithm = "gem-bml+" if name in (LOWER_BOUND, PYRO_TRACED) else name
+    inner = dataclasses.replace(default_inner(algorithm), steps=steps, elbo="pyro" if name == PYRO_TRACED else "auto")
     if name == LOWER_BOUND:
-        return TorchGemPlus(net, steps, config.inner_lr, config.noise_scale, device=config.device).meta_step
-    lr = config.abml_lr if name == "abml" else config.inner_lr
-    inner = InnerConfig(steps=steps, lr=lr, optimizer=INNER_OPTIMIZER.get(name, "adam"))
-    learner = MetaLearner(net, GaussianLikelihood(config.noise_scale), algorithm=name, inner=inner).to(config.device)
+        return TorchGemPlus(net, inner, config.noise_scale, device=config.device).meta_step
+    if name == "abml":  # ABML unrolls plain SGD on the whitened guide; unclipped, it needs a smaller rate
+        inner = dataclasses.replace(inner, lr=config.abml_lr, clip_norm=None)
+    learner = MetaLearner(net, GaussianLikelihood(config.noise_scale), algorithm=algorithm, inner=inner).to(config.device)
     return learner.meta_step
 
 
@@ -220,6 +229,8 @@ def _run(config: StepBenchConfig) -> dict:
                       "device": config.device, "machine": platform.machine()}}
     result["lower_bound_ratio"] = {str(k): _get(rows, "gem-bml+", k, "ms_per_iter") / _get(rows, LOWER_BOUND, k, "ms_per_iter")
                                    for k in config.steps if {"gem-bml+", LOWER_BOUND} <= set(names)}
+    result["pyro_traced_ratio"] = {str(k): _get(rows, PYRO_TRACED, k, "ms_per_iter") / _get(rows, LOWER_BOUND, k, "ms_per_iter")
+                                   for k in config.steps if {PYRO_TRACED, LOWER_BOUND} <= set(names)}
     result["targets"] = _targets(rows, config, result["lower_bound_ratio"])
     return result
 
@@ -258,7 +269,8 @@ def format_step_table(result: dict) -> str:
              "|---|---:|---:|---:|---:|"]
     for name in dict.fromkeys(r["algorithm"] for r in result["rows"]):
         for r in (r for r in result["rows"] if r["algorithm"] == name):
-            rel = f"{ratio[str(r['steps'])]:.2f}x" if name == "gem-bml+" and str(r["steps"]) in ratio else ""
+            table = {"gem-bml+": ratio, PYRO_TRACED: result.get("pyro_traced_ratio", {})}.get(name, {})
+            rel = f"{table[str(r['steps'])]:.2f}x" if str(r["steps"]) in table else ""
             lines.append(f"| {name} | {r['steps']} | {r['ms_per_iter']:.1f} | {r['saved_mib']:.3f} | {rel} |")
     env = result["env"]
     lines.append(f"\nmeta-batch {result['config']['meta_batch']}, median of {result['config']['repeats']} "

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="GEM-BML+ vs MAML on sinusoid with the same budget (~3 min on a 2-core CPU)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--iterations", type=int, default=4000)
     p.add_argument("--meta-batch", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

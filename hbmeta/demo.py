@@ -32,7 +32,7 @@ def format_comparison(results: dict[str, dict[int, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str | Path = "runs/demo", iterations: int = 1000, meta_batch: int = 25, seed: int = 0,
+def run_demo(out_dir: str | Path = "runs/demo", iterations: int = 4000, meta_batch: int = 25, seed: int = 0,
              device: str = "auto", num_test_tasks: int = 100, progress: bool = True,
              algorithms: tuple[str, ...] = ("gem-bml+", "maml")) -> dict:
     """Meta-train each algorithm for ``iterations`` x ``meta_batch`` tasks and compare them on new tasks."""

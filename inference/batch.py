@@ -52,6 +52,8 @@ class TaskBatch:
         return torch.cat([self.x_train, self.x_val], 1), torch.cat([self.y_train, self.y_val], 1)
 
     def to(self, device: torch.device | str) -> "TaskBatch":
+        if self.x_train.device == torch.device(device):
+            return self  # already checked on construction
         return TaskBatch(*(t.to(device) for t in (self.x_train, self.y_train, self.x_val, self.y_val)))
 
     def select(self, index: slice | Tensor) -> "TaskBatch":

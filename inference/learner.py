@@ -157,9 +157,10 @@ class MetaLearner:
         grads = self.meta_gradient(batch, generator)
         self.optimizer.zero_grad(set_to_none=True)
         params = dict(self.prior.named_parameters())
+        if not torch.isfinite(sum(g.sum() for g in grads.values())):
+            bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
+            raise FloatingPointError(f"meta-gradient of {bad} has NaN/inf at iteration {self.iteration}")
         for name, g in grads.items():
-            if not torch.isfinite(g).all():
-                raise FloatingPointError(f"meta-gradient of {name!r} has NaN/inf at iteration {self.iteration}")
             params[name].grad = g.detach()
         self.optimizer.step()
         self.iteration += 1

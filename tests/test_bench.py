@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from hbmeta.bench import LOWER_BOUND, StepBenchConfig, format_step_table, peak_saved_bytes, run_step_benchmark, write_step_benchmark
+from hbmeta.bench import LOWER_BOUND, PYRO_TRACED, StepBenchConfig, format_step_table, peak_saved_bytes, run_step_benchmark, write_step_benchmark
 
-ALGORITHMS = ("gem-bml+", "maml", "fomaml", "reptile", "abml")
+ALGORITHMS = ("gem-bml+", PYRO_TRACED, "maml", "fomaml", "reptile", "abml")
 
 
 @pytest.fixture(scope="module")
