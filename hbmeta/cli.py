@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_train(args) -> int:
     from hbmeta.config import TrainConfig
     from hbmeta.evaluate import evaluate_regression
+    import torch
+
     from hbmeta.experiments import get_experiment
+    from hbmeta.plots import plot_sinusoid_predictive
     from hbmeta.train import train
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume", "no_progress")}
@@ -96,9 +99,13 @@ def _cmd_train(args) -> int:
     steps = tuple(sorted({0, 1, min(5, config.test_steps), config.test_steps}))
     evaluation = evaluate_regression(result.learner, get_experiment(config.experiment).make_tasks(config), steps)
     (Path(args.out) / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    test = get_experiment(config.experiment).make_tasks(config).sample(1, torch.Generator().manual_seed(7))
+    plot = plot_sinusoid_predictive({config.algorithm: result.learner}, test, Path(args.out) / "plots" / "predictive.png",
+                                    steps=config.test_steps)
     print(f"trained {config.algorithm} on {config.experiment} for {config.iterations} iterations in {result.seconds:.1f}s")
     for k, v in evaluation.items():
         print(f"  meta-test MSE after {k:>2} steps: {v['mse']:.4f} ± {v['ci95']:.4f}")
+    print(f"wrote {args.out}/evaluation.json and {plot}")
     return 0
 
 

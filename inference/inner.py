@@ -238,7 +238,8 @@ def fit_posterior(
         if not torch.isfinite(loss):
             raise InnerLoopDivergedError(
                 f"inner loop diverged at step {step} of {steps}: the ELBO is {loss.item()} for task(s) "
-                f"{_diverged_tasks(model, guide, params, x, y) or 'unknown'}; lower the inner learning rate (now {config.lr})")
+                f"{_diverged_tasks(model, guide, params, x, y) or 'unknown'}; "
+                f"lower the inner learning rate (now {config.lr})")
         if config.clip_norm is not None:
             _clip_per_task(trainable, config.clip_norm)
         opt.step()
@@ -249,6 +250,7 @@ def fit_posterior(
     finite = torch.isfinite(posterior.loc.sum() + variance.sum())  # one reduction: NaN / inf propagate
     if not (finite and (posterior.kind == "delta" or variance.min() > 0)):
         raise InnerLoopDivergedError(
-            f"inner loop diverged by step {steps}: the posterior of task(s) {_diverged_tasks(model, guide, params, x, y)} "
-            f"has NaN/inf/zero-scale parameters; lower the inner learning rate (now {config.lr})")
+            f"inner loop diverged by step {steps}: the posterior of task(s) "
+            f"{_diverged_tasks(model, guide, params, x, y)} has NaN/inf/zero-scale parameters; "
+            f"lower the inner learning rate (now {config.lr})")
     return posterior

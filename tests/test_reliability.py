@@ -102,7 +102,8 @@ def test_cli_train_evaluate_and_errors(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "sinusoid", "--algo", "gem-bml+", "--iterations", "3", "--meta-batch", "2",
                  "--inner-steps", "1", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
-    assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "checkpoint.pt", "evaluation.json"}
+    assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "checkpoint.pt", "evaluation.json", "plots"}
+    assert (out / "plots" / "predictive.png").stat().st_size > 10_000
     assert main(["evaluate", str(out), "--steps", "2", "--tasks", "5", "--device", "cpu"]) == 0
     assert "MSE after  2 steps" in capsys.readouterr().out
     assert main(["train", "sinusoid", "--algo", "nope", "--out", str(tmp_path / "x")]) == 2
