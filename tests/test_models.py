@@ -1,0 +1,88 @@
+"""The model pieces: batched network evaluation, likelihoods, priors and posteriors."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hbmeta.config import resolve_device
+from models import (BatchedNet, CategoricalLikelihood, DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel,
+                    Posterior, mlp)
+
+
+def test_mlp_fast_path_equals_generic_vmap_path_and_a_loop():
+    net = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 3))
+    batched = BatchedNet(net)
+    assert batched._fast_mlp
+    theta = torch.randn(4, 3, batched.num_params)  # 4 samples x 3 tasks
+    x = torch.randn(3, 6, 2)
+    fast = batched(theta, x)
+    batched._fast_mlp = False
+    torch.testing.assert_close(batched(theta, x), fast)
+    for s in range(4):
+        for t in range(3):
+            params = batched.unflatten(theta[s, t])
+            ref = torch.func.functional_call(net, params, (x[t],))
+            torch.testing.assert_close(fast[s, t], ref)
+
+
+def test_generic_module_runs_through_vmap():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(1, 8), nn.Linear(8, 1)
+
+        def forward(self, x):
+            return x + self.b(torch.relu(self.a(x)))
+
+    batched = BatchedNet(Residual())
+    assert not batched._fast_mlp
+    out = batched(batched.initial_vector().expand(2, 3, -1), torch.randn(3, 4, 1))
+    assert out.shape == (2, 3, 4, 1)
+
+
+def test_gaussian_log_prob_equals_pyro_distribution():
+    lik = GaussianLikelihood(0.7)
+    pred, y = torch.randn(2, 3, 5, 1), torch.randn(3, 5, 1)
+    torch.testing.assert_close(lik.log_prob(pred, y), lik.distribution(pred).log_prob(y))
+    expected = torch.distributions.Normal(pred, 0.7).log_prob(y).sum((-1, -2))
+    torch.testing.assert_close(lik.log_prob(pred, y), expected)
+    torch.testing.assert_close(lik.point_loss(pred, y), (pred - y).pow(2).mean((-1, -2)))
+
+
+def test_categorical_likelihood_on_hand_made_logits():
+    lik = CategoricalLikelihood()
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))  # 1 task, 2 points
+    y = torch.tensor([[0, 1]])
+    assert lik.log_prob(logits, y).item() == pytest.approx(math.log(0.5) + math.log(0.8), rel=1e-6)
+    assert lik.point_loss(logits, y).item() == pytest.approx(-(math.log(0.5) + math.log(0.8)) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="class labels must be integers"):
+        lik.check_targets(y.float(), torch.zeros(1, 2, 4))
+
+
+def test_prior_gem_gradient_for_point_mass_and_fixed_scale():
+    prior = DiagonalGaussianPrior(torch.zeros(3), math.log(2.0), learn_scale=False)
+    grads = prior.gem_gradient(Posterior(torch.tensor([[2.0, 0.0, -4.0]])))
+    assert set(grads) == {"mu"}  # the scale is a buffer, not learned
+    torch.testing.assert_close(grads["mu"], torch.tensor([[0.5, 0.0, -1.0]]))  # (m - mu) / sigma^2
+
+
+def test_shape_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"scale \(2, 4\) does not match loc \(2, 3\)"):
+        Posterior(torch.zeros(2, 3), torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"Posterior.loc must be \[tasks, params\]"):
+        Posterior(torch.zeros(3))
+    with pytest.raises(ValueError, match="prior is over 3 weights; the network has 1761"):
+        HierarchicalModel(mlp(), DiagonalGaussianPrior(torch.zeros(3)), GaussianLikelihood())
+    with pytest.raises(ValueError, match="prior loc contains NaN"):
+        DiagonalGaussianPrior(torch.tensor([0.0, float("nan")]))
+    with pytest.raises(ValueError, match="noise_scale must be positive"):
+        GaussianLikelihood(0.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when no GPU is present")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
