@@ -62,8 +62,6 @@ class StepBenchConfig:
     device: str = "cpu"
     seed: int = 0
     algorithms: tuple[str, ...] = ("gem-bml+", PYRO_TRACED, "maml", "fomaml", "reptile", "abml")
-    #: ABML's unrolled SGD (whitened guide, no clipping) at this rate: stable from the initial prior
-    abml_lr: float = 0.1
     noise_scale: float = 0.5
     lower_bound: bool = True
     #: torch intra-op threads during the run (restored after); the tensors are small and on a shared
@@ -183,8 +181,6 @@ def _runner(name: str, steps: int, config: StepBenchConfig):
     inner = dataclasses.replace(default_inner(algorithm), steps=steps, elbo="pyro" if name == PYRO_TRACED else "auto")
     if name == LOWER_BOUND:
         return TorchGemPlus(net, inner, config.noise_scale, device=config.device).meta_step
-    if name == "abml":  # ABML unrolls plain SGD on the whitened guide; unclipped, it needs a smaller rate
-        inner = dataclasses.replace(inner, lr=config.abml_lr, clip_norm=None)
     learner = MetaLearner(net, GaussianLikelihood(config.noise_scale), algorithm=algorithm, inner=inner).to(config.device)
     return learner.meta_step
 

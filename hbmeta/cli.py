@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with torch_threads(getattr(args, "threads", 1)):  # 1 CPU thread is fastest for the small nets
             return handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ArithmeticError) as err:
         print(f"hbmeta {args.command}: error: {err}", file=sys.stderr)
         return 2
 

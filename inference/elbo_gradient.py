@@ -24,7 +24,11 @@ __all__ = ["unrolled_guide_params", "elbo_gradient", "abml_gradient"]
 
 def unrolled_guide_params(model: HierarchicalModel, guide: Guide, x: Tensor, y: Tensor, config: InnerConfig,
                           generator: torch.Generator | None = None, steps: int | None = None) -> dict[str, Tensor]:
-    """``lambda_K(Theta)``: K differentiable SGD steps on the negative ELBO, starting at the prior."""
+    """``lambda_K(Theta)``: K differentiable SGD steps on the negative ELBO, starting at the prior.
+
+    Steps are taken in the guide's own parametrisation (whitened for the default mean-field guide) with the
+    inner config's per-task gradient clipping, so ABML sees the same inner update as GEM, only unrolled.
+    """
     prior = model.prior
     if not isinstance(prior, DiagonalGaussianPrior) or guide.name not in ("meanfield", "delta"):
         raise ValueError("the ELBO-gradient (ABML) baseline needs a DiagonalGaussianPrior and a meanfield or delta guide")
@@ -46,6 +50,10 @@ def unrolled_guide_params(model: HierarchicalModel, guide: Guide, x: Tensor, y: 
                if guide.stochastic else None)
         loss = negative_elbo(model, guide, params, x, y, prior_dist, eps, config.analytic_kl, config.elbo)
         grads = torch.autograd.grad(loss, [params[n] for n in trainable], create_graph=True)
+        if config.clip_norm is not None:  # per-task clipping, as in the inner loop; differentiable
+            norms = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads))
+            factor = (config.clip_norm / (norms + 1e-12)).clamp(max=1.0).unsqueeze(-1)
+            grads = [g * factor for g in grads]
         params = {**params, **{n: params[n] - config.lr * g for n, g in zip(trainable, grads)}}
     return params
 

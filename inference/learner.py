@@ -159,7 +159,8 @@ class MetaLearner:
         params = dict(self.prior.named_parameters())
         if not torch.isfinite(sum(g.sum() for g in grads.values())):
             bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
-            raise FloatingPointError(f"meta-gradient of {bad} has NaN/inf at iteration {self.iteration}")
+            raise FloatingPointError(f"meta-gradient of {bad} has NaN/inf at iteration {self.iteration} "
+                                     f"({self.algorithm}); lower the inner learning rate (now {self.inner.lr})")
         for name, g in grads.items():
             params[name].grad = g.detach()
         self.optimizer.step()
