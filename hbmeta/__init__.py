@@ -5,10 +5,9 @@ algorithm by name, adapt to new tasks and read the posterior predictive.
 
 Example:
     >>> import torch
-    >>> from hbmeta import MetaLearner, GaussianLikelihood, InnerConfig, SinusoidTasks, mlp
+    >>> from hbmeta import MetaLearner, GaussianLikelihood, SinusoidTasks, mlp
     >>> tasks = SinusoidTasks()
-    >>> learner = MetaLearner(mlp(), GaussianLikelihood(0.5), algorithm="gem-bml+",
-    ...                       inner=InnerConfig(steps=5, lr=0.002, optimizer="sgd"))
+    >>> learner = MetaLearner(mlp(), GaussianLikelihood(0.5), algorithm="gem-bml+")  # default inner update
     >>> info = learner.meta_step(tasks.sample(4, torch.Generator().manual_seed(0)))
     >>> test = tasks.sample(2, torch.Generator().manual_seed(1))
     >>> posterior = learner.adapt(test.x_train, test.y_train, steps=10)
