@@ -44,7 +44,7 @@ def build_learner(config: TrainConfig, device: torch.device | None = None) -> Me
     net.to(device)
     return MetaLearner(net, experiment.make_likelihood(config), algorithm=config.algorithm, guide=config.guide,
                        inner=config.inner(), meta_lr=config.meta_lr, gem_plus_mode=config.gem_plus_mode,
-                       prior_scale=config.prior_scale)
+                       prior_scale=config.prior_scale, max_prior_scale=config.max_prior_scale)
 
 
 def iteration_generators(seed: int, iteration: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:

@@ -101,6 +101,7 @@ class MetaLearner:
         gem_plus_mode: ``"sequential"`` (the paper's VI(lambda_tr, D_val)) or ``"joint"``.
         closed_form: GEM from the prior's closed form (``True``) or its Monte-Carlo form.
         prior_scale: initial prior standard deviation when ``prior`` is not given.
+        max_prior_scale: ceiling on the learned prior standard deviation when ``prior`` is not given.
     """
 
     net: nn.Module | BatchedNet
@@ -114,6 +115,7 @@ class MetaLearner:
     gem_plus_mode: str = "sequential"
     closed_form: bool = True
     prior_scale: float = 0.02
+    max_prior_scale: float | None = None
     iteration: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -125,7 +127,8 @@ class MetaLearner:
             raise ValueError(f"unknown gem_plus_mode {self.gem_plus_mode!r}; choose 'sequential' or 'joint'")
         batched = self.net if isinstance(self.net, BatchedNet) else BatchedNet(self.net)
         if self.prior is None:
-            self.prior = DiagonalGaussianPrior(batched.initial_vector(), torch.tensor(self.prior_scale).log())
+            self.prior = DiagonalGaussianPrior(batched.initial_vector(), torch.tensor(self.prior_scale).log(),
+                                               max_scale=self.max_prior_scale)
         if isinstance(self.guide, str):
             self.guide = make_guide(self.guide)
         self.model = HierarchicalModel(batched, self.prior, self.likelihood)
@@ -164,6 +167,7 @@ class MetaLearner:
         for name, g in grads.items():
             params[name].grad = g.detach()
         self.optimizer.step()
+        self.prior.project()
         self.iteration += 1
         return {"grad_norm": float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))}
 

@@ -86,3 +86,16 @@ def test_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_prior_scale_ceiling_holds_after_meta_steps():
+    from hbmeta.tasks import SinusoidTasks
+    from inference.learner import MetaLearner
+
+    learner = MetaLearner(mlp(1, (8,), 1), GaussianLikelihood(0.5), algorithm="gem-bml+", meta_lr=0.5,
+                          prior_scale=0.02, max_prior_scale=0.021)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        learner.meta_step(SinusoidTasks().sample(4, gen), gen)
+    assert learner.prior.scale.max() <= 0.021 * (1 + 1e-6)
+    assert learner.prior.scale.min() < 0.02  # only the ceiling is enforced; scales may still shrink
