@@ -57,7 +57,7 @@ class TrainConfig:
     test_steps: int = 10
     meta_lr: float = 1e-3
     prior_scale: float = 0.02
-    max_prior_scale: float | None = None
+    max_prior_scale: float | None = 0.1
     noise_scale: float = 0.5
     guide: str = "meanfield"
     gem_plus_mode: str = "sequential"

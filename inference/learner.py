@@ -115,7 +115,7 @@ class MetaLearner:
     gem_plus_mode: str = "sequential"
     closed_form: bool = True
     prior_scale: float = 0.02
-    max_prior_scale: float | None = None
+    max_prior_scale: float | None = 0.1
     iteration: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
