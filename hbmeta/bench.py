@@ -185,8 +185,9 @@ def _runner(name: str, steps: int, config: StepBenchConfig):
     return learner.meta_step
 
 
-def run_step_benchmark(config: StepBenchConfig = StepBenchConfig()) -> dict:
+def run_step_benchmark(config: StepBenchConfig | None = None) -> dict:
     """Run the benchmark; returns a JSON-ready dict (``rows``, ``lower_bound_ratio``, ``targets``, ``env``)."""
+    config = StepBenchConfig() if config is None else config
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)

@@ -146,9 +146,10 @@ def _summary(errors: Tensor) -> dict[str, float]:
             "q10": q[0].item(), "median": q[1].item(), "q90": q[2].item()}
 
 
-def run_gradient_study(config: GradientStudyConfig = GradientStudyConfig()) -> dict:
+def run_gradient_study(config: GradientStudyConfig | None = None) -> dict:
     """Run the study; returns ``{"config", "rows": [{guide, estimator, K, mean, std, q10, median, q90}],
     "errors": {guide: {estimator: {K: [R errors]}}}, "seconds"}`` (JSON-serialisable)."""
+    config = GradientStudyConfig() if config is None else config
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: intra-op threads cost more than they save (and stall on a busy machine)
     try:

@@ -192,7 +192,7 @@ def fit_posterior(
     y: Tensor,
     start: Posterior,
     prior: dist.TorchDistribution | None = None,
-    config: InnerConfig = InnerConfig(),
+    config: InnerConfig | None = None,
     steps: int | None = None,
     generator: torch.Generator | None = None,
     noise: NoiseFn | None = None,
@@ -206,7 +206,7 @@ def fit_posterior(
         x, y: ``[T, N, ...]`` data of each task.
         start: where the guides start (``prior.initial_posterior(T)`` or an earlier posterior).
         prior: the prior inside the ELBO; ``None`` means the model's ``p(theta; Theta)``.
-        config: optimiser, learning rate, steps, Monte-Carlo samples, analytic KL.
+        config: optimiser, learning rate, steps, Monte-Carlo samples, analytic KL (``None``: ``InnerConfig()``).
         steps: overrides ``config.steps``.
         generator: source of the reparameterisation noise (explicit seeds; ``None`` = torch's global RNG).
         noise: a ``NoiseFn`` to use instead of ``generator`` (tests feed identical noise to two runs).
@@ -215,6 +215,7 @@ def fit_posterior(
     Raises:
         InnerLoopDivergedError: when the ELBO becomes NaN / inf, naming the task(s) and the step.
     """
+    config = InnerConfig() if config is None else config
     steps = config.steps if steps is None else steps
     if prior is None:
         with torch.no_grad():
