@@ -40,7 +40,7 @@ def _add_train(sub) -> None:
     p.add_argument("--meta-lr", type=float, default=d.meta_lr)
     p.add_argument("--prior-scale", type=float, default=d.prior_scale)
     p.add_argument("--max-prior-scale", type=float, default=d.max_prior_scale,
-                   help="ceiling on the learned prior sd (guards GEM's scale update against inner-loop noise)")
+                   help="ceiling on the learned prior sd (guards GEM's scale update against inner-loop noise); 0 = none")
     p.add_argument("--noise-scale", type=float, default=d.noise_scale, help="Gaussian likelihood's noise sd")
     p.add_argument("--guide", default=d.guide, help="meanfield, delta or fullcov")
     p.add_argument("--gem-plus-mode", default=d.gem_plus_mode, choices=["sequential", "joint"])

@@ -69,6 +69,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.algorithm = get_algorithm(self.algorithm).name
+        if self.max_prior_scale is not None and self.max_prior_scale <= 0:
+            self.max_prior_scale = None  # 0 on the command line: no ceiling
         default = default_inner(self.algorithm)
         for key, attr in (("inner_steps", "steps"), ("inner_lr", "lr"), ("inner_optimizer", "optimizer"),
                           ("num_samples", "num_samples"), ("clip_norm", "clip_norm")):

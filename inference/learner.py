@@ -15,7 +15,7 @@ torch optimizer (Adam by default) as the gradient of the meta-loss ``-L``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -137,22 +137,22 @@ class MetaLearner:
     # ----------------------------------------------------------------------------------------- meta-train
     def meta_gradient(self, batch: TaskBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """The meta-loss gradient ``{name: grad}`` (descent direction, averaged over the batch's tasks)."""
-        model, guide, cfg = self.model, self.guide, self.inner
-        name = self.algorithm
-        if name == "gem-bml":
+        model, guide, cfg, name = self.model, self.guide, self.inner, self.algorithm
+        if name == "gem-bml":  # GEM functions return per-task ascent directions of L
             per_task, _ = gem_bml_gradient(model, guide, batch, cfg, generator, self.closed_form)
-        elif name == "gem-bml+":
+            return {n: -g.mean(0) for n, g in per_task.items()}
+        if name == "gem-bml+":
             per_task, _ = gem_plus_gradient(model, guide, batch, cfg, generator, self.closed_form, self.gem_plus_mode)
-        else:
-            ascent = name == "abml"
-            fn: Callable = {"abml": lambda: abml_gradient(model, guide, batch, cfg, generator),
-                            "maml": lambda: maml_gradient(model, batch, cfg),
-                            "fomaml": lambda: fomaml_gradient(model, batch, cfg),
-                            "reptile": lambda: reptile_gradient(model, batch, cfg),
-                            "pretrain": lambda: pretrain_gradient(model, batch, cfg)}[name]
-            grads = fn()
-            return {n: -g for n, g in grads.items()} if ascent else grads
-        return {n: -g.mean(0) for n, g in per_task.items()}
+            return {n: -g.mean(0) for n, g in per_task.items()}
+        if name == "abml":  # an ascent direction of the ELBO, already averaged over tasks
+            return {n: -g for n, g in abml_gradient(model, guide, batch, cfg, generator).items()}
+        if name == "maml":
+            return maml_gradient(model, batch, cfg)
+        if name == "fomaml":
+            return fomaml_gradient(model, batch, cfg)
+        if name == "reptile":
+            return reptile_gradient(model, batch, cfg)
+        return pretrain_gradient(model, batch, cfg)
 
     def meta_step(self, batch: TaskBatch, generator: torch.Generator | None = None) -> dict[str, float]:
         """One meta-update (Algorithm 1, lines 4-10). Returns a few numbers to log."""

@@ -99,3 +99,10 @@ def test_prior_scale_ceiling_holds_after_meta_steps():
         learner.meta_step(SinusoidTasks().sample(4, gen), gen)
     assert learner.prior.scale.max() <= 0.021 * (1 + 1e-6)
     assert learner.prior.scale.min() < 0.02  # only the ceiling is enforced; scales may still shrink
+
+
+def test_zero_max_prior_scale_means_no_ceiling():
+    from hbmeta.config import TrainConfig
+
+    assert TrainConfig(max_prior_scale=0).max_prior_scale is None
+    assert TrainConfig().max_prior_scale == 0.1
