@@ -3,7 +3,10 @@
 The hierarchical model puts a distribution over the flattened parameters ``theta`` (length ``P``) of a
 user's network. During inference we need ``f(x; theta)`` for a whole stack of weight vectors (tasks x
 Monte-Carlo samples) in one call, without rewriting the user's module. :class:`BatchedNet` does this with
-:func:`torch.func.functional_call` under :func:`torch.vmap`; the module itself is never modified.
+:func:`torch.func.functional_call` under :func:`torch.vmap`; the module itself is never modified. Two fast
+paths skip vmap: batched matmuls for plain MLPs, and a module's own ``forward_batched(theta [B, T, P],
+x [T, N, ...]) -> [B, T, N, ...]`` where it defines one (e.g. :class:`~models.conv.Conv4`, whose grouped
+convolutions are much faster than conv2d under vmap).
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ class BatchedNet:
 
     Args:
         module: any ``nn.Module`` with parameters and no state that changes in ``forward`` (buffers are
-            read as they are).
+            read as they are). If it has a method ``forward_batched(theta [B, T, P], x [T, N, ...])``
+            returning ``[B, T, N, ...]`` (``theta`` in ``named_parameters`` order, as :meth:`unflatten`
+            splits it), that method is used instead of vmap.
 
     Example:
         >>> net = BatchedNet(mlp())
@@ -67,6 +72,7 @@ class BatchedNet:
         self.num_params = sum(self.sizes)
         self.buffers = dict(module.named_buffers())
         self._fast_mlp = _is_plain_mlp(module)
+        self._fast_batched = callable(getattr(module, "forward_batched", None))
 
     def initial_vector(self) -> Tensor:
         """The module's current parameters as one flat vector ``[P]`` (detached)."""
@@ -95,10 +101,13 @@ class BatchedNet:
             raise ValueError(f"theta has {theta.shape[-1]} weights in its last dim; the network has {self.num_params}")
         if theta.dim() < 2 or theta.shape[-2] != x.shape[0]:
             raise ValueError(f"theta {tuple(theta.shape)} and x {tuple(x.shape)} disagree on the number of tasks")
-        if self._fast_mlp:
-            return self._mlp_forward(theta, x)
         sample_shape = theta.shape[:-2]
         flat = theta.reshape(-1, *theta.shape[-2:])  # [S, T, P]
+        if self._fast_batched:
+            out = self.module.forward_batched(flat, x)
+            return out.reshape(*sample_shape, *out.shape[1:])
+        if self._fast_mlp:
+            return self._mlp_forward(theta, x)
         per_task = torch.vmap(self._single, in_dims=(0, 0))
         out = torch.vmap(per_task, in_dims=(0, None))(flat, x)
         return out.reshape(*sample_shape, *out.shape[1:])
