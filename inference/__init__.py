@@ -1,8 +1,10 @@
 """The "how" of hbmeta: the inner update (SVI on per-task guides) and every meta-gradient."""
 
 from inference.batch import TaskBatch
+from inference.bmaml import bmaml_gradient, svgd
 from inference.elbo_gradient import abml_gradient, elbo_gradient
 from inference.gem import gem_bml_gradient, gem_gradient, gem_plus_gradient, gem_plus_posteriors, mc_gem_gradient
+from inference.imaml import imaml_gradient
 from inference.inner import InnerConfig, InnerLoopDivergedError, fit_posterior, negative_elbo
 from inference.learner import ALGORITHMS, Algorithm, MetaLearner, Predictive, get_algorithm
 from inference.maml import fomaml_gradient, maml_gradient
@@ -12,5 +14,5 @@ __all__ = [
     "TaskBatch", "InnerConfig", "InnerLoopDivergedError", "fit_posterior", "negative_elbo", "gem_gradient",
     "mc_gem_gradient", "gem_bml_gradient", "gem_plus_gradient", "gem_plus_posteriors", "elbo_gradient",
     "abml_gradient", "maml_gradient", "fomaml_gradient", "reptile_gradient", "pretrain_gradient", "MetaLearner",
-    "Predictive", "Algorithm", "ALGORITHMS", "get_algorithm",
+    "Predictive", "Algorithm", "ALGORITHMS", "get_algorithm", "imaml_gradient", "bmaml_gradient", "svgd",
 ]

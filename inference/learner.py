@@ -21,8 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from inference.batch import TaskBatch, check_task_data
+from inference.bmaml import bmaml_adapt, bmaml_gradient
 from inference.elbo_gradient import abml_gradient
 from inference.gem import gem_bml_gradient, gem_plus_gradient
+from inference.imaml import imaml_adapt, imaml_gradient
 from inference.inner import InnerConfig, fit_posterior, make_optimizer
 from inference.maml import fomaml_gradient, maml_gradient, sgd_adapt
 from inference.reptile import pretrain_gradient, reptile_gradient
@@ -31,7 +33,7 @@ from models.guides import Guide, make_guide
 from models.hierarchical import HierarchicalModel
 from models.likelihoods import GaussianLikelihood, Likelihood
 from models.posterior import Posterior
-from models.priors import DiagonalGaussianPrior, Prior
+from models.priors import DiagonalGaussianPrior, ParticlePrior, Prior
 
 __all__ = ["Algorithm", "ALGORITHMS", "MetaLearner", "Predictive", "get_algorithm", "default_inner"]
 
@@ -44,7 +46,7 @@ class Algorithm:
     meta_loss: str            # "L[1]" or "L[2]"
     estimator: str            # "GEM", "ELBO gradient", "unrolled", ...
     backprop_through_inner: bool
-    bayesian: bool            # adapts with VI (True) or with SGD on a point estimate (False)
+    bayesian: bool            # adapts to a posterior with spread (VI; SVGD particles for BMAML) or to a point (False)
     reference: str
 
 
@@ -56,6 +58,9 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("fomaml", "L[2]", "first-order approximation", False, False, "Finn et al. 2017"),
     Algorithm("reptile", "L[1]", "GEM with a Delta guide, fixed scale", False, False, "Nichol et al. 2018"),
     Algorithm("pretrain", "L[1]", "GEM with a Delta prior (sigma -> 0)", False, False, "GEM-BML sec. 4"),
+    Algorithm("imaml", "L[2]", "implicit gradient (CG on the regularised inner problem)", False, False,
+              "Rajeswaran et al. 2019"),
+    Algorithm("bmaml", "L[2]", "SVGD particles + chaser loss (unrolled)", True, True, "Yoon et al. 2018"),
 )}
 
 
@@ -71,7 +76,17 @@ def default_inner(algorithm: str) -> InnerConfig:
 
     Bayesian algorithms: plain SGD on the whitened mean-field guide (``z``, ``rho`` at one rate), 2 Monte-Carlo
     samples, per-task clipping at norm 5. Point-estimate baselines: SGD at MAML's 0.01 on the mean loss.
+    iMAML: 20 SGD steps at 0.005 on the proximal problem with lambda = 10 (about 1 / (K lr): the K steps then
+    nearly solve it, which the implicit gradient assumes), 5 CG steps, per-task clipping at norm 50 as a guard
+    (its meta-gradient cannot see the inner loop diverge, as MAML's can); memory does not grow with K.
+    BMAML: 5 particles (``num_samples``), 5 plain SVGD steps of 1e-3 on the summed log-likelihood (whose
+    gradient is ~N / noise^2 times the MSE's, hence the small step).
     """
+    name = get_algorithm(algorithm).name
+    if name == "imaml":
+        return InnerConfig(steps=20, lr=0.005, optimizer="sgd", clip_norm=50.0, imaml_lambda=10.0, cg_steps=5)
+    if name == "bmaml":
+        return InnerConfig(steps=5, lr=1e-3, optimizer="sgd", num_samples=5)
     if get_algorithm(algorithm).bayesian:
         return InnerConfig(steps=5, lr=0.3, optimizer="sgd", num_samples=2, clip_norm=5.0)
     return InnerConfig(steps=5, lr=0.01, optimizer="sgd")
@@ -100,7 +115,8 @@ class MetaLearner:
         meta_lr, meta_optimizer: the meta-update's torch optimizer.
         gem_plus_mode: ``"sequential"`` (the paper's VI(lambda_tr, D_val)) or ``"joint"``.
         closed_form: GEM from the prior's closed form (``True``) or its Monte-Carlo form.
-        prior_scale: initial prior standard deviation when ``prior`` is not given.
+        prior_scale: initial prior standard deviation when ``prior`` is not given (BMAML: the initial particles'
+            spread around the network's weights; 0.1 suits it on sinusoid, the default 0.02 is GEM's).
         max_prior_scale: ceiling on the learned prior standard deviation when ``prior`` is not given.
     """
 
@@ -114,7 +130,7 @@ class MetaLearner:
     meta_optimizer: str = "adam"
     gem_plus_mode: str = "sequential"
     closed_form: bool = True
-    prior_scale: float = 0.02
+    prior_scale: float | None = None
     max_prior_scale: float | None = 0.1
     iteration: int = field(default=0, init=False)
 
@@ -126,6 +142,14 @@ class MetaLearner:
         if self.gem_plus_mode not in ("sequential", "joint"):
             raise ValueError(f"unknown gem_plus_mode {self.gem_plus_mode!r}; choose 'sequential' or 'joint'")
         batched = self.net if isinstance(self.net, BatchedNet) else BatchedNet(self.net)
+        if self.prior_scale is None:  # BMAML's particles need a wider spread to learn (README, "Defaults")
+            self.prior_scale = 0.1 if self.algorithm == "bmaml" else 0.02
+        if self.algorithm == "bmaml" and self.prior is None:  # M = inner.num_samples particles around the net
+            self.prior = ParticlePrior.around(batched.initial_vector(), self.inner.num_samples, self.prior_scale,
+                                              torch.Generator().manual_seed(0))
+        if self.prior is not None and (self.algorithm == "bmaml") != isinstance(self.prior, ParticlePrior):
+            raise ValueError(f"algorithm {self.algorithm!r} cannot use a {type(self.prior).__name__}: BMAML needs a "
+                             f"ParticlePrior and a ParticlePrior is only for BMAML")
         if self.prior is None:
             self.prior = DiagonalGaussianPrior(batched.initial_vector(), torch.tensor(self.prior_scale).log(),
                                                max_scale=self.max_prior_scale)
@@ -152,6 +176,10 @@ class MetaLearner:
             return fomaml_gradient(model, batch, cfg)
         if name == "reptile":
             return reptile_gradient(model, batch, cfg)
+        if name == "imaml":
+            return imaml_gradient(model, batch, cfg)
+        if name == "bmaml":
+            return bmaml_gradient(model, batch, cfg)
         return pretrain_gradient(model, batch, cfg)
 
     def meta_step(self, batch: TaskBatch, generator: torch.Generator | None = None) -> dict[str, float]:
@@ -181,7 +209,8 @@ class MetaLearner:
         """Meta-test (Algorithm 1): fit each task's posterior from the learned prior on ``(x, y)``.
 
         Bayesian algorithms run VI with the guide; the point-estimate baselines run their inner SGD from
-        the prior mean and return a point-mass posterior. ``x [T, K, ...]``, ``y [T, K, ...]``.
+        the prior mean and return a point-mass posterior; iMAML solves its proximal inner problem (as in
+        meta-training); BMAML runs SVGD from its particles and returns them. ``x [T, K, ...]``, ``y [T, K, ...]``.
         """
         check_task_data(x, y, "adaptation data")
         self.likelihood.check_targets(y, x)
@@ -189,6 +218,10 @@ class MetaLearner:
         cfg = inner or self.inner
         steps = cfg.steps if steps is None else steps
         num_tasks = x.shape[0]
+        if self.algorithm == "imaml":
+            return imaml_adapt(self.model, x, y, cfg, steps, callback)
+        if self.algorithm == "bmaml":
+            return bmaml_adapt(self.model, x, y, cfg, steps, callback)
         if self.spec.bayesian:
             return fit_posterior(self.model, self.guide, x, y, self.prior.initial_posterior(num_tasks), config=cfg,
                                  steps=steps, generator=generator, callback=callback)
@@ -199,9 +232,15 @@ class MetaLearner:
     @torch.no_grad()
     def predict(self, posterior: Posterior, x: Tensor, num_samples: int = 100,
                 generator: torch.Generator | None = None) -> Predictive:
-        """Posterior predictive ``f(x; theta), theta ~ q``: Monte-Carlo mean and spread. ``x [T, N, ...]``."""
+        """Posterior predictive ``f(x; theta), theta ~ q``: Monte-Carlo mean and spread. ``x [T, N, ...]``.
+
+        A point mass is evaluated once and a particle posterior at each of its particles (``num_samples`` unused).
+        """
         x = x.to(self.device)
-        n = 1 if posterior.kind == "delta" else num_samples
+        if posterior.kind == "particles":
+            n = posterior.particles.shape[0]
+        else:
+            n = 1 if posterior.kind == "delta" else num_samples
         samples = self.model.net(posterior.sample(n, generator), x)
         return Predictive(samples.mean(0), samples.std(0, unbiased=False), samples)
 

@@ -18,17 +18,20 @@ __all__ = ["Posterior"]
 
 @dataclass(frozen=True)
 class Posterior:
-    """Gaussian (or point-mass) posteriors of ``T`` tasks over ``P`` weights.
+    """Gaussian, point-mass or particle posteriors of ``T`` tasks over ``P`` weights.
 
     Exactly one form is used:
       - mean-field: ``loc [T, P]`` and ``scale [T, P]`` (standard deviations);
       - full covariance: ``loc [T, P]`` and ``scale_tril [T, P, P]`` (Cholesky factor);
-      - point mass (Delta / MAP): ``loc`` only.
+      - point mass (Delta / MAP): ``loc`` only;
+      - particles (SVGD, BMAML): ``particles [M, T, P]``, an equally weighted empirical distribution, with
+        ``loc`` their mean (build it with :meth:`from_particles`).
     """
 
     loc: Tensor
     scale: Tensor | None = None
     scale_tril: Tensor | None = None
+    particles: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.loc.dim() != 2:
@@ -39,9 +42,23 @@ class Posterior:
             raise ValueError(f"scale {tuple(self.scale.shape)} does not match loc {tuple(self.loc.shape)}")
         if self.scale_tril is not None and self.scale_tril.shape != (*self.loc.shape, self.loc.shape[-1]):
             raise ValueError(f"scale_tril {tuple(self.scale_tril.shape)} must be [T, P, P] for loc {tuple(self.loc.shape)}")
+        if self.particles is not None:
+            if self.scale is not None or self.scale_tril is not None:
+                raise ValueError("a particle posterior carries no scale / scale_tril: its spread is the particles'")
+            if self.particles.dim() != 3 or self.particles.shape[1:] != self.loc.shape or self.particles.shape[0] < 1:
+                raise ValueError(f"particles {tuple(self.particles.shape)} must be [M, T, P] for loc {tuple(self.loc.shape)}")
+
+    @classmethod
+    def from_particles(cls, particles: Tensor) -> "Posterior":
+        """An empirical posterior from ``particles [M, T, P]``; its ``loc`` is the particle mean."""
+        if particles.dim() != 3:
+            raise ValueError(f"particles must be [M, T, P]; got shape {tuple(particles.shape)}")
+        return cls(particles.mean(0), particles=particles)
 
     @property
     def kind(self) -> str:
+        if self.particles is not None:
+            return "particles"
         if self.scale_tril is not None:
             return "full"
         return "delta" if self.scale is None else "meanfield"
@@ -52,7 +69,9 @@ class Posterior:
 
     @property
     def variance(self) -> Tensor:
-        """Marginal variances ``[T, P]`` (zeros for a point mass)."""
+        """Marginal variances ``[T, P]`` (zeros for a point mass; the particles' spread, divisor M)."""
+        if self.particles is not None:
+            return self.particles.var(0, unbiased=False)
         if self.scale_tril is not None:
             return self.scale_tril.pow(2).sum(-1)
         if self.scale is None:
@@ -61,13 +80,19 @@ class Posterior:
 
     @property
     def covariance(self) -> Tensor:
-        """Full covariance ``[T, P, P]``."""
+        """Full covariance ``[T, P, P]`` (for particles, their empirical covariance with divisor M)."""
+        if self.particles is not None:
+            centred = (self.particles - self.loc).transpose(0, 1)  # [T, M, P]
+            return centred.transpose(-1, -2) @ centred / self.particles.shape[0]
         if self.scale_tril is not None:
             return self.scale_tril @ self.scale_tril.transpose(-1, -2)
         return torch.diag_embed(self.variance)
 
     def distribution(self) -> dist.TorchDistribution:
         """The posterior as a Pyro distribution with batch shape ``[T]`` and event shape ``[P]``."""
+        if self.particles is not None:
+            raise NotImplementedError("a particle posterior (BMAML's SVGD) has no density to hand out; "
+                                      "use sample() or .particles")
         if self.scale_tril is not None:
             return dist.MultivariateNormal(self.loc, scale_tril=self.scale_tril)
         if self.scale is None:
@@ -75,7 +100,13 @@ class Posterior:
         return dist.Normal(self.loc, self.scale).to_event(1)
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """Draw ``[num_samples, T, P]`` weights."""
+        """Draw ``[num_samples, T, P]`` weights.
+
+        A particle posterior returns its particles, cycled when ``num_samples`` is not ``M`` (no randomness).
+        """
+        if self.particles is not None:
+            index = torch.arange(num_samples, device=self.particles.device) % self.particles.shape[0]
+            return self.particles[index]
         eps = torch.randn((num_samples, *self.loc.shape), generator=generator, device=self.loc.device, dtype=self.loc.dtype)
         if self.scale_tril is not None:
             return self.loc + (self.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
@@ -83,9 +114,12 @@ class Posterior:
             return self.loc.expand(num_samples, *self.loc.shape)
         return self.loc + self.scale * eps
 
-    def _map(self, fn) -> "Posterior":
+    def _map(self, fn, particle_fn=None) -> "Posterior":
+        """Apply ``fn`` to every tensor (``particle_fn`` to ``particles``, whose task dimension is 1)."""
+        particle_fn = fn if particle_fn is None else particle_fn
         return Posterior(fn(self.loc), None if self.scale is None else fn(self.scale),
-                         None if self.scale_tril is None else fn(self.scale_tril))
+                         None if self.scale_tril is None else fn(self.scale_tril),
+                         None if self.particles is None else particle_fn(self.particles))
 
     def detach(self) -> "Posterior":
         return self._map(lambda t: t.detach())
@@ -97,12 +131,12 @@ class Posterior:
         """The posteriors of a subset of tasks (keeps the task dimension)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return self._map(lambda t: t[index])
+        return self._map(lambda t: t[index], lambda t: t[:, index])
 
     @staticmethod
     def cat(parts: list["Posterior"]) -> "Posterior":
         """Concatenate posteriors of disjoint task sets along the task dimension."""
         first = parts[0]
-        def cat(attr):
-            return None if getattr(first, attr) is None else torch.cat([getattr(p, attr) for p in parts])
-        return Posterior(cat("loc"), cat("scale"), cat("scale_tril"))
+        def cat(attr, dim=0):
+            return None if getattr(first, attr) is None else torch.cat([getattr(p, attr) for p in parts], dim)
+        return Posterior(cat("loc"), cat("scale"), cat("scale_tril"), cat("particles", 1))

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from models.posterior import Posterior
 
-__all__ = ["Prior", "DiagonalGaussianPrior"]
+__all__ = ["Prior", "DiagonalGaussianPrior", "ParticlePrior"]
 
 
 class Prior(nn.Module):
@@ -133,3 +133,60 @@ class DiagonalGaussianPrior(Prior):
         if isinstance(self.log_sigma, nn.Parameter):
             grads["log_sigma"] = (posterior.variance + diff.pow(2)) / var_prior - 1.0
         return grads
+
+
+class ParticlePrior(Prior):
+    r"""A set of ``M`` weight vectors ``Theta = {theta_0^m}`` ``[M, P]``: BMAML's meta-learned initial particles.
+
+    BMAML (Yoon et al. 2018, sec. 3) meta-learns where every task's SVGD starts; the "prior" is that set of
+    particles, and a task posterior is what M particles become after SVGD on the task's data. The set has
+    no density, so :meth:`distribution` and :meth:`log_prob` raise; ``loc`` is the particle mean (where the
+    point-estimate baselines would start) and ``scale`` the particles' spread per weight.
+
+    Args:
+        particles: ``[M, P]`` initial particles.
+    """
+
+    def __init__(self, particles: Tensor):
+        super().__init__()
+        if particles.dim() != 2 or particles.shape[0] < 1:
+            raise ValueError(f"particles must be [M, P] with M >= 1; got shape {tuple(particles.shape)}")
+        if not torch.isfinite(particles).all():
+            raise ValueError("particles contain NaN or inf")
+        self.num_params = particles.shape[1]
+        self.particles = nn.Parameter(particles.detach().clone())
+
+    @classmethod
+    def around(cls, loc: Tensor, num_particles: int = 5, scale: float = 0.02,
+               generator: torch.Generator | None = None) -> "ParticlePrior":
+        """``M`` particles ``loc + scale * eps_m`` (``eps ~ N(0, I)`` drawn from ``generator`` on the CPU)."""
+        if num_particles < 1 or not scale >= 0:
+            raise ValueError(f"need num_particles >= 1 and scale >= 0; got {num_particles}, {scale}")
+        eps = torch.randn((num_particles, loc.numel()), generator=generator, dtype=loc.dtype)
+        return cls(loc.detach().reshape(1, -1) + scale * eps.to(loc.device))
+
+    @property
+    def num_particles(self) -> int:
+        return self.particles.shape[0]
+
+    @property
+    def loc(self) -> Tensor:
+        return self.particles.mean(0)
+
+    @property
+    def scale(self) -> Tensor:
+        return self.particles.std(0, unbiased=False)
+
+    def _no_density(self):
+        return NotImplementedError("ParticlePrior (BMAML) is a set of SVGD starting points without a density; "
+                                   "use it with algorithm='bmaml'")
+
+    def distribution(self, num_tasks: int) -> dist.TorchDistribution:
+        raise self._no_density()
+
+    def log_prob(self, theta: Tensor) -> Tensor:
+        raise self._no_density()
+
+    def initial_posterior(self, num_tasks: int) -> Posterior:
+        """Every task starts at the same particles: ``[M, T, P]``."""
+        return Posterior.from_particles(self.particles.detach().unsqueeze(1).expand(-1, num_tasks, -1).clone())
