@@ -28,17 +28,28 @@ def _add_train(sub) -> None:
     p.add_argument("experiment", help=f"one of: {', '.join(EXPERIMENTS)}")
     p.add_argument("--algo", "--algorithm", dest="algorithm", default=d.algorithm, help=f"one of: {', '.join(ALGORITHMS)}")
     p.add_argument("--iterations", type=int, default=d.iterations, help="meta-iterations (the budget)")
-    p.add_argument("--meta-batch", type=int, default=d.meta_batch)
-    p.add_argument("--shots", "--k-shot", dest="k_shot", type=int, default=d.k_shot)
-    p.add_argument("--k-query", type=int, default=d.k_query)
+    p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-iteration (default: the experiment's)")
+    p.add_argument("--shots", "--k-shot", dest="k_shot", type=int, default=None,
+                   help="support points (regression) or images per class (classification)")
+    p.add_argument("--k-query", "--queries", dest="k_query", type=int, default=None,
+                   help="query points (regression) or query images per class")
+    p.add_argument("--ways", type=int, default=d.ways, help="classes per task (classification)")
+    p.add_argument("--data-root", default=None, help="folder with omniglot/ and miniimagenet-splits/ "
+                   "(default: $HBMETA_DATA or ../shared/data)")
+    p.add_argument("--split", default=d.split, choices=["paper", "vinyals"],
+                   help="Omniglot character split: the paper's 1200/423 or Vinyals et al.'s")
     p.add_argument("--inner-steps", type=int, default=None)
     p.add_argument("--inner-lr", type=float, default=None)
     p.add_argument("--inner-optimizer", default=None, help="adam, sgd or any torch.optim name")
+    p.add_argument("--inner-scale-lr", type=float, default=None, help="inner learning rate of the guide's scales")
     p.add_argument("--num-samples", type=int, default=None, help="Monte-Carlo samples per inner step")
     p.add_argument("--clip-norm", type=float, default=None, help="per-task gradient clipping in the inner loop")
-    p.add_argument("--test-steps", type=int, default=d.test_steps)
+    p.add_argument("--test-steps", type=int, default=None, help="adaptation steps at meta-test (default: the experiment's)")
     p.add_argument("--meta-lr", type=float, default=d.meta_lr)
-    p.add_argument("--prior-scale", type=float, default=d.prior_scale)
+    p.add_argument("--prior-scale", type=float, default=None,
+                   help="initial prior sd (BMAML: particle spread); default 0.02, BMAML 0.1")
+    p.add_argument("--imaml-lambda", type=float, default=None, help="iMAML's proximal regularisation")
+    p.add_argument("--cg-steps", type=int, default=None, help="iMAML's conjugate-gradient steps")
     p.add_argument("--max-prior-scale", type=float, default=d.max_prior_scale,
                    help="ceiling on the learned prior sd (guards GEM's scale update against inner-loop noise); 0 = none")
     p.add_argument("--noise-scale", type=float, default=d.noise_scale, help="Gaussian likelihood's noise sd")
@@ -51,6 +62,8 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--eval-tasks", type=int, default=None,
+                   help="new tasks for the evaluation after training (default: 100 regression, 600 classification)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="meta-test a checkpoint on new tasks: error vs adaptation steps")
     p.add_argument("run", help="run folder (or checkpoint file)")
     p.add_argument("--steps", type=int, default=10, help="report steps 0..N")
+    p.add_argument("--tasks", type=int, default=None, help="test tasks (default: 100 regression, 600 classification)")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("diagnose", help="posterior and calibration diagnostics of a run with ArviZ (plots + summary)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/diagnostics)")
     p.add_argument("--tasks", type=int, default=100)
+    p.add_argument("--steps", type=int, default=None, help="adaptation steps (default: the run's test_steps)")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--device", default="auto")
 
@@ -79,51 +100,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("which", choices=["step"], help="step: time and memory per meta-iteration vs inner steps")
+    p.add_argument("which", choices=["step", "scaling"],
+                   help="step: sinusoid net, time and memory per meta-iteration vs inner steps; "
+                        "scaling: the same with conv4 on miniImageNet-shaped 5-way 1-shot tasks (paper Fig. 2b)")
+    p.add_argument("--queries", type=int, default=None, help="scaling: query images per class")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--device", default="cpu")
     return parser
 
 
+def _print_evaluation(evaluation: dict) -> None:
+    for k, v in evaluation.items():
+        if "accuracy" in v:
+            print(f"  accuracy after {k:>2} steps: {100 * v['accuracy']:.2f} ± {100 * v['ci95']:.2f} %   "
+                  f"ECE {v['ece']:.4f}  MCE {v['mce']:.4f} ({v['num_bins']} bins)")
+        else:
+            print(f"  meta-test MSE after {k:>2} steps: {v['mse']:.4f} ± {v['ci95']:.4f}")
+
+
 def _cmd_train(args) -> int:
-    from hbmeta.config import TrainConfig
-    from hbmeta.evaluate import evaluate_regression
     import torch
 
+    from hbmeta.config import TrainConfig
+    from hbmeta.evaluate import evaluate_experiment
     from hbmeta.experiments import get_experiment
-    from hbmeta.plots import plot_sinusoid_predictive
     from hbmeta.train import train
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume", "no_progress")}
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume", "no_progress", "eval_tasks")}
     config = TrainConfig(**fields)
     result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
-    steps = tuple(sorted({0, 1, min(5, config.test_steps), config.test_steps}))
-    evaluation = evaluate_regression(result.learner, get_experiment(config.experiment).make_tasks(config), steps)
+    steps = tuple(sorted({0, 1, 5, 10, config.test_steps}))
+    evaluation = evaluate_experiment(result.learner, config, steps, num_tasks=args.eval_tasks)
     (Path(args.out) / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
-    test = get_experiment(config.experiment).make_tasks(config).sample(1, torch.Generator().manual_seed(7))
-    plot = plot_sinusoid_predictive({config.algorithm: result.learner}, test, Path(args.out) / "plots" / "predictive.png",
-                                    steps=config.test_steps)
     print(f"trained {config.algorithm} on {config.experiment} for {config.iterations} iterations in {result.seconds:.1f}s")
-    for k, v in evaluation.items():
-        print(f"  meta-test MSE after {k:>2} steps: {v['mse']:.4f} ± {v['ci95']:.4f}")
-    print(f"wrote {args.out}/evaluation.json and {plot}")
+    _print_evaluation(evaluation)
+    written = [f"{args.out}/evaluation.json"]
+    if config.experiment.startswith("sinusoid"):
+        from hbmeta.plots import plot_sinusoid_predictive
+
+        test = get_experiment(config.experiment).make_tasks(config).sample(1, torch.Generator().manual_seed(7))
+        written.append(str(plot_sinusoid_predictive({config.algorithm: result.learner}, test,
+                                                    Path(args.out) / "plots" / "predictive.png", steps=config.test_steps)))
+    print("wrote " + " and ".join(written))
     return 0
 
 
 def _cmd_evaluate(args) -> int:
-    from hbmeta.evaluate import evaluate_regression
-    from hbmeta.experiments import get_experiment
+    from hbmeta.evaluate import evaluate_experiment
     from hbmeta.train import load_learner
 
     learner, config, iteration = load_learner(args.run, args.device)
-    tasks = get_experiment(config.experiment).make_tasks(config)
-    evaluation = evaluate_regression(learner, tasks, tuple(range(args.steps + 1)), num_tasks=args.tasks, seed=args.seed)
-    print(f"{config.algorithm} on {config.experiment}, checkpoint at iteration {iteration}, {args.tasks} new tasks")
-    for k, v in evaluation.items():
-        print(f"  MSE after {k:>2} steps: {v['mse']:.4f} ± {v['ci95']:.4f}")
+    evaluation = evaluate_experiment(learner, config, tuple(range(args.steps + 1)), num_tasks=args.tasks, seed=args.seed)
+    print(f"{config.algorithm} on {config.experiment}, checkpoint at iteration {iteration}, "
+          f"{next(iter(evaluation.values())).get('num_tasks', args.tasks or 100)} new tasks")
+    _print_evaluation(evaluation)
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    return 0
+
+
+def _cmd_diagnose(args) -> int:
+    from hbmeta.diagnostics import diagnose_run
+
+    report = diagnose_run(args.run, args.out, num_tasks=args.tasks, seed=args.seed, device=args.device,
+                          steps=args.steps)
+    print(json.dumps(report["metrics"], indent=2, default=str))
+    for path in report.get("files", []):
+        print(f"wrote {path}")
     return 0
 
 
@@ -158,6 +202,17 @@ def _cmd_gradient_study(args) -> int:
 def _cmd_bench(args) -> int:
     from hbmeta import bench
 
+    if args.which == "scaling":
+        from hbmeta import scaling
+
+        config = scaling.ScalingBenchConfig(device=args.device)
+        if args.repeats is not None:
+            config.repeats = args.repeats
+        if args.queries is not None:
+            config.queries = args.queries
+        return _report(config, lambda c: scaling.run_scaling_benchmark(c, progress=True), scaling.format_scaling_table,
+                       scaling.write_scaling_benchmark, args.out)
+
     config = bench.StepBenchConfig(device=args.device)
     if args.repeats is not None:
         config.repeats = args.repeats
@@ -167,7 +222,7 @@ def _cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "evaluate": _cmd_evaluate, "demo": _cmd_demo,
-               "gradient-study": _cmd_gradient_study, "bench": _cmd_bench}[args.command]
+               "gradient-study": _cmd_gradient_study, "bench": _cmd_bench, "diagnose": _cmd_diagnose}[args.command]
     from hbmeta.config import torch_threads
 
     try:

@@ -46,17 +46,23 @@ class TrainConfig:
     experiment: str = "sinusoid"
     algorithm: str = "gem-bml+"
     iterations: int = 2000
-    meta_batch: int = 25
-    k_shot: int = 10
-    k_query: int = 10
+    meta_batch: int | None = None
+    k_shot: int | None = None
+    k_query: int | None = None
+    ways: int = 5
+    data_root: str | None = None
+    split: str = "paper"
     inner_steps: int | None = None
     inner_lr: float | None = None
     inner_optimizer: str | None = None
+    inner_scale_lr: float | None = None
     num_samples: int | None = None
     clip_norm: float | None = None
-    test_steps: int = 10
+    imaml_lambda: float | None = None
+    cg_steps: int | None = None
+    test_steps: int | None = None
     meta_lr: float = 1e-3
-    prior_scale: float = 0.02
+    prior_scale: float | None = None
     max_prior_scale: float | None = 0.1
     noise_scale: float = 0.5
     guide: str = "meanfield"
@@ -68,20 +74,35 @@ class TrainConfig:
     threads: int | None = 1
 
     def __post_init__(self) -> None:
+        from hbmeta.experiments import get_experiment
+
         self.algorithm = get_algorithm(self.algorithm).name
         if self.max_prior_scale is not None and self.max_prior_scale <= 0:
             self.max_prior_scale = None  # 0 on the command line: no ceiling
+        if self.prior_scale is None:  # BMAML's particles need a wider initial spread (README, "Defaults")
+            self.prior_scale = 0.1 if self.algorithm == "bmaml" else 0.02
+        # fields left as None take the experiment's defaults (the paper's tables), then the algorithm's
+        for key, value in get_experiment(self.experiment).defaults(self).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.test_steps is None:
+            self.test_steps = 10  # the paper's meta-test budget (appendix C.4)
         default = default_inner(self.algorithm)
         for key, attr in (("inner_steps", "steps"), ("inner_lr", "lr"), ("inner_optimizer", "optimizer"),
-                          ("num_samples", "num_samples"), ("clip_norm", "clip_norm")):
+                          ("num_samples", "num_samples"), ("clip_norm", "clip_norm"),
+                          ("imaml_lambda", "imaml_lambda"), ("cg_steps", "cg_steps")):
             if getattr(self, key) is None:
                 setattr(self, key, getattr(default, attr))
+        for key in ("meta_batch", "k_shot", "k_query"):
+            if getattr(self, key) is None:
+                raise ValueError(f"experiment {self.experiment!r} has no default for {key}; give it explicitly")
         if self.iterations < 0 or self.meta_batch < 1:
             raise ValueError(f"iterations must be >= 0 and meta_batch >= 1; got {self.iterations}, {self.meta_batch}")
 
     def inner(self) -> InnerConfig:
         return InnerConfig(steps=self.inner_steps, lr=self.inner_lr, optimizer=self.inner_optimizer,
-                           num_samples=self.num_samples, clip_norm=self.clip_norm)
+                           num_samples=self.num_samples, clip_norm=self.clip_norm, scale_lr=self.inner_scale_lr,
+                           imaml_lambda=self.imaml_lambda, cg_steps=self.cg_steps)
 
     def to_dict(self) -> dict:
         return asdict(self)

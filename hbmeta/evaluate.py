@@ -7,9 +7,11 @@ import math
 import torch
 
 from hbmeta.tasks import SinusoidBatch, SinusoidTasks
+from inference.batch import TaskBatch
 from inference.learner import MetaLearner
 
-__all__ = ["evaluate_regression", "regression_errors", "mean_ci95"]
+__all__ = ["evaluate_regression", "regression_errors", "mean_ci95", "evaluate_classification", "classification_outputs",
+           "evaluate_experiment"]
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -51,3 +53,62 @@ def evaluate_regression(learner: MetaLearner, tasks: SinusoidTasks, steps: tuple
     batch = tasks.sample(num_tasks, torch.Generator().manual_seed(seed), k_query=num_points)
     errors = regression_errors(learner, batch, steps, num_samples, seed)
     return {k: dict(zip(("mse", "ci95"), mean_ci95(v))) for k, v in errors.items()}
+
+
+def classification_outputs(learner: MetaLearner, batch: TaskBatch, steps: tuple[int, ...] = (0, 1, 5, 10),
+                           num_samples: int = 16, seed: int = 12345, chunk: int = 50
+                           ) -> dict[int, torch.Tensor]:
+    """Query-set predictive probabilities ``[T, M, classes]`` after each number of adaptation steps.
+
+    The posterior predictive is Bayesian model averaging: the Monte-Carlo mean of the softmax over
+    ``num_samples`` guide samples (:func:`hbmeta.calibration.predictive_probabilities`); point-estimate
+    learners give the softmax of their adapted weights. Tasks run ``chunk`` at a time to bound memory.
+    """
+    from hbmeta.calibration import predictive_probabilities
+
+    noise_gen = torch.Generator(device=learner.device).manual_seed(seed + 1)
+    wanted, out = set(steps), {k: [] for k in sorted(set(steps))}
+    for start in range(0, batch.num_tasks, chunk):
+        part = batch.select(slice(start, start + chunk))
+
+        def record(step: int, posterior, part=part) -> None:
+            if step in wanted:
+                probs = predictive_probabilities(learner, posterior, part.x_val.to(learner.device), num_samples, noise_gen)
+                out[step].append(probs.cpu())
+
+        learner.adapt(part.x_train, part.y_train, steps=max(steps), generator=noise_gen, callback=record)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def evaluate_classification(learner: MetaLearner, tasks, steps: tuple[int, ...] = (0, 1, 5, 10),
+                            num_tasks: int = 600, num_samples: int = 8, seed: int = 12345, num_bins: int = 15,
+                            chunk: int = 50) -> dict[int, dict[str, float]]:
+    """Accuracy on ``num_tasks`` new N-way K-shot tasks after each number of steps, with 95% CIs over tasks,
+    and the calibration of the predictive (ECE / MCE with ``num_bins`` equal-width bins; GEM-BML Table 3).
+
+    The same tasks (``seed``) are used for every learner so that numbers are comparable.
+    """
+    from hbmeta.calibration import calibration_errors
+
+    batch = tasks.sample(num_tasks, torch.Generator().manual_seed(seed))
+    probs = classification_outputs(learner, batch, steps, num_samples, seed, chunk)
+    labels = batch.y_val
+    result: dict[int, dict[str, float]] = {}
+    for k, p in probs.items():
+        accuracy, ci95 = mean_ci95((p.argmax(-1) == labels).float().mean(1))
+        cal = calibration_errors(p, labels, num_bins=num_bins)
+        result[k] = {"accuracy": accuracy, "ci95": ci95, "ece": float(cal["ece"]), "mce": float(cal["mce"]),
+                     "num_bins": num_bins, "num_tasks": num_tasks}
+    return result
+
+
+def evaluate_experiment(learner: MetaLearner, config, steps: tuple[int, ...], num_tasks: int | None = None,
+                        seed: int = 12345) -> dict[int, dict[str, float]]:
+    """Meta-test a run on its experiment's held-out tasks, with the experiment's metric."""
+    from hbmeta.experiments import get_experiment
+
+    experiment = get_experiment(config.experiment)
+    tasks = experiment.test_tasks(config)
+    if experiment.metric == "accuracy":
+        return evaluate_classification(learner, tasks, steps, num_tasks or 600, seed=seed)
+    return evaluate_regression(learner, tasks, steps, num_tasks=num_tasks or 100, seed=seed)
