@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("calibrate", help="ECE / MCE and reliability diagrams of classification runs, side by side")
+    p.add_argument("runs", nargs="+", help="run folders (same experiment, ways, shots)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tasks", type=int, default=600)
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--device", default="auto")
+
     p = sub.add_parser("demo", help="GEM-BML+ vs MAML on sinusoid with the same budget (~3 min on a 2-core CPU)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--iterations", type=int, default=4000)
@@ -104,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step: sinusoid net, time and memory per meta-iteration vs inner steps; "
                         "scaling: the same with conv4 on miniImageNet-shaped 5-way 1-shot tasks (paper Fig. 2b)")
     p.add_argument("--queries", type=int, default=None, help="scaling: query images per class")
+    p.add_argument("--inner-steps", default=None, help="comma-separated inner-step counts, e.g. 1,2,5,10,20")
+    p.add_argument("--warmup", type=int, default=None, help="untimed repetitions first")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -160,6 +169,19 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_calibrate(args) -> int:
+    from hbmeta.evaluate import compare_calibration
+
+    report = compare_calibration(args.runs, args.out, num_tasks=args.tasks, seed=args.seed, device=args.device)
+    print("| run | steps | accuracy (%) | ECE | MCE |\n|---|---:|---:|---:|---:|")
+    for name, r in report["runs"].items():
+        print(f"| {name} | {r['steps']} | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | {r['ece']:.4f} | {r['mce']:.4f} |")
+    print(f"({next(iter(report['runs'].values()))['num_bins']} equal-width confidence bins)")
+    for path in report["files"]:
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_diagnose(args) -> int:
     from hbmeta.diagnostics import diagnose_run
 
@@ -210,6 +232,10 @@ def _cmd_bench(args) -> int:
             config.repeats = args.repeats
         if args.queries is not None:
             config.queries = args.queries
+        if args.warmup is not None:
+            config.warmup = args.warmup
+        if args.inner_steps:
+            config.steps = tuple(int(k) for k in args.inner_steps.split(","))
         return _report(config, lambda c: scaling.run_scaling_benchmark(c, progress=True), scaling.format_scaling_table,
                        scaling.write_scaling_benchmark, args.out)
 
@@ -222,7 +248,8 @@ def _cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "evaluate": _cmd_evaluate, "demo": _cmd_demo,
-               "gradient-study": _cmd_gradient_study, "bench": _cmd_bench, "diagnose": _cmd_diagnose}[args.command]
+               "gradient-study": _cmd_gradient_study, "bench": _cmd_bench, "diagnose": _cmd_diagnose,
+               "calibrate": _cmd_calibrate}[args.command]
     from hbmeta.config import torch_threads
 
     try:

@@ -11,7 +11,7 @@ from inference.batch import TaskBatch
 from inference.learner import MetaLearner
 
 __all__ = ["evaluate_regression", "regression_errors", "mean_ci95", "evaluate_classification", "classification_outputs",
-           "evaluate_experiment"]
+           "evaluate_experiment", "compare_calibration"]
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -112,3 +112,43 @@ def evaluate_experiment(learner: MetaLearner, config, steps: tuple[int, ...], nu
     if experiment.metric == "accuracy":
         return evaluate_classification(learner, tasks, steps, num_tasks or 600, seed=seed)
     return evaluate_regression(learner, tasks, steps, num_tasks=num_tasks or 100, seed=seed)
+
+
+def compare_calibration(run_dirs: list, out_dir, num_tasks: int = 600, seed: int = 12345, num_samples: int = 8,
+                        num_bins: int = 15, device: str = "cpu") -> dict:
+    """Calibration of several classification runs on the SAME held-out tasks, side by side (GEM-BML Table 3).
+
+    Each run adapts with its own ``test_steps``; Bayesian runs predict with the Monte-Carlo average of the
+    softmax over ``num_samples`` posterior samples, point-estimate runs with the softmax of their adapted
+    weights. Writes ``calibration.json`` and ``reliability.png`` (one panel per run) into ``out_dir``.
+    """
+    import json
+    from pathlib import Path
+
+    from hbmeta.calibration import calibration_errors, reliability_diagram
+    from hbmeta.experiments import get_experiment
+    from hbmeta.train import load_learner
+
+    results, report, tasks_key = {}, {}, None
+    for run in run_dirs:
+        learner, config, iteration = load_learner(run, device)
+        experiment = get_experiment(config.experiment)
+        if experiment.metric != "accuracy":
+            raise ValueError(f"{run} is a {config.experiment} run; calibration compares classification runs")
+        key = (config.experiment, config.ways, config.k_shot, config.split, config.seed)
+        if tasks_key is not None and key != tasks_key:
+            raise ValueError(f"{run} has tasks {key}, the first run {tasks_key}: compare runs on the same tasks")
+        tasks_key = key
+        batch = experiment.test_tasks(config).sample(num_tasks, torch.Generator().manual_seed(seed))
+        probs = classification_outputs(learner, batch, (config.test_steps,), num_samples, seed)[config.test_steps]
+        name = f"{config.algorithm} ({Path(run).name})"
+        results[name] = calibration_errors(probs, batch.y_val, num_bins=num_bins)
+        acc, ci = mean_ci95((probs.argmax(-1) == batch.y_val).float().mean(1))
+        report[name] = {"run": str(run), "iteration": iteration, "steps": config.test_steps, "accuracy": acc,
+                        "ci95": ci, "ece": results[name]["ece"], "mce": results[name]["mce"], "num_bins": num_bins,
+                        "num_tasks": num_tasks}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.json").write_text(json.dumps(report, indent=2))
+    plot = reliability_diagram(results, out / "reliability.png")
+    return {"runs": report, "files": [str(out / "calibration.json"), str(plot)]}

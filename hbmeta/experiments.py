@@ -91,17 +91,19 @@ def classification_defaults(dataset: str) -> Callable[["TrainConfig"], dict[str,
         else:  # miniimagenet
             out = {"k_shot": shots, "k_query": 15, "meta_batch": 4, "inner_steps": 5}
             weight_lr, maml_lr = 0.001, 0.01
-        if spec.bayesian:
+        if spec.name == "bmaml":
+            out.update(inner_optimizer="sgd")  # plain SVGD steps at the algorithm's default size (inference.learner)
+        elif spec.name == "abml":
+            out.update(inner_optimizer="sgd", num_samples=2)  # ABML unrolls plain SGD on the whitened guide
+        elif spec.bayesian:
             out.update(inner_optimizer="adam", inner_lr=weight_lr / config.prior_scale, inner_scale_lr=weight_lr,
                        num_samples=2)
             # meta-test with the inner update the prior was learned for: with a tight prior on 112k weights
             # the KL dominates the 1-shot likelihood after the first step and Adam's momentum then swings the
-            # means back past the prior (accuracy after 5 steps collapses; README, "Omniglot"). 
+            # means back past the prior (accuracy after 5 steps collapses; README, "Omniglot").
             out["test_steps"] = config.inner_steps if config.inner_steps is not None else out["inner_steps"]
         elif spec.name == "reptile":
             out.update(inner_optimizer="adam", inner_lr=1e-3, inner_steps=5)
-        elif spec.name == "bmaml":
-            out.update(inner_optimizer="sgd")  # SVGD step: the algorithm's default (inference.learner)
         else:
             out.update(inner_optimizer="sgd", inner_lr=maml_lr)
             if spec.name == "imaml":

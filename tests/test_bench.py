@@ -60,3 +60,20 @@ def test_table_and_output_files(result, tmp_path):
     paths = write_step_benchmark(result, tmp_path / "out")
     assert json.loads(paths["json"].read_text())["rows"] == result["rows"]
     assert paths["png"].stat().st_size > 0 and paths["markdown"].read_text().startswith("| algorithm |")
+
+
+def test_scaling_benchmark_conv4_memory_flat_for_gem_growing_for_unrolled(tmp_path):
+    """``hbmeta bench scaling`` on a small conv4 (16x16 inputs): every algorithm has its rows, GEM-BML+,
+    FOMAML, Reptile and iMAML keep the same saved memory at 1 and 3 inner steps, MAML/ABML/BMAML grow."""
+    from hbmeta.scaling import ScalingBenchConfig, format_scaling_table, run_scaling_benchmark, write_scaling_benchmark
+
+    config = ScalingBenchConfig(steps=(1, 3), image_size=16, queries=2, meta_batch=2, repeats=1, warmup=0)
+    result = run_scaling_benchmark(config)
+    assert {(r["algorithm"], r["steps"]) for r in result["rows"]} == {(a, k) for a in config.algorithms for k in (1, 3)}
+    for flat in ("gem-bml+", "fomaml", "reptile", "imaml"):
+        assert saved(result, flat, 3) == saved(result, flat, 1), flat
+    for unrolled in ("maml", "abml", "bmaml"):
+        assert saved(result, unrolled, 3) > 1.5 * saved(result, unrolled, 1), unrolled
+    assert "gem-bml+" in format_scaling_table(result)
+    paths = write_scaling_benchmark(result, tmp_path)
+    assert json.loads(paths["json"].read_text())["rows"] == result["rows"] and paths["png"].stat().st_size > 0

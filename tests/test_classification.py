@@ -69,6 +69,13 @@ def test_omniglot_cli_train_resume_evaluate(tmp_path, capsys):
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert set(evaluation) == {"0", "1"} and "ece" in evaluation["1"]
     assert "accuracy after  1 steps" in capsys.readouterr().out
+    gem = tmp_path / "gem"
+    assert main(common[:3] + ["gem-bml+"] + common[4:-3] + ["--out", str(gem), "--no-progress", "--eval-tasks", "5",
+                                                            "--iterations", "1"]) == 0
+    assert main(["calibrate", str(out), str(gem), "--tasks", "10", "--device", "cpu", "--out", str(tmp_path / "cal")]) == 0
+    report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert len(report) == 2 and all(0 <= r["ece"] <= r["mce"] <= 1 for r in report.values())
+    assert (tmp_path / "cal" / "reliability.png").stat().st_size > 0
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
