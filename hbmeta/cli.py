@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run folders (same experiment, ways, shots)")
     p.add_argument("--out", required=True)
     p.add_argument("--tasks", type=int, default=600)
+    p.add_argument("--steps", type=int, default=None, help="adaptation steps for every run (default: each run's test_steps)")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--device", default="auto")
 
@@ -172,7 +173,8 @@ def _cmd_evaluate(args) -> int:
 def _cmd_calibrate(args) -> int:
     from hbmeta.evaluate import compare_calibration
 
-    report = compare_calibration(args.runs, args.out, num_tasks=args.tasks, seed=args.seed, device=args.device)
+    report = compare_calibration(args.runs, args.out, num_tasks=args.tasks, seed=args.seed, device=args.device,
+                                 steps=args.steps)
     print("| run | steps | accuracy (%) | ECE | MCE |\n|---|---:|---:|---:|---:|")
     for name, r in report["runs"].items():
         print(f"| {name} | {r['steps']} | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | {r['ece']:.4f} | {r['mce']:.4f} |")

@@ -115,10 +115,10 @@ def evaluate_experiment(learner: MetaLearner, config, steps: tuple[int, ...], nu
 
 
 def compare_calibration(run_dirs: list, out_dir, num_tasks: int = 600, seed: int = 12345, num_samples: int = 8,
-                        num_bins: int = 15, device: str = "cpu") -> dict:
+                        num_bins: int = 15, device: str = "cpu", steps: int | None = None) -> dict:
     """Calibration of several classification runs on the SAME held-out tasks, side by side (GEM-BML Table 3).
 
-    Each run adapts with its own ``test_steps``; Bayesian runs predict with the Monte-Carlo average of the
+    Each run adapts with its own ``test_steps`` (or ``steps`` for all); Bayesian runs predict with the Monte-Carlo average of the
     softmax over ``num_samples`` posterior samples, point-estimate runs with the softmax of their adapted
     weights. Writes ``calibration.json`` and ``reliability.png`` (one panel per run) into ``out_dir``.
     """
@@ -140,11 +140,12 @@ def compare_calibration(run_dirs: list, out_dir, num_tasks: int = 600, seed: int
             raise ValueError(f"{run} has tasks {key}, the first run {tasks_key}: compare runs on the same tasks")
         tasks_key = key
         batch = experiment.test_tasks(config).sample(num_tasks, torch.Generator().manual_seed(seed))
-        probs = classification_outputs(learner, batch, (config.test_steps,), num_samples, seed)[config.test_steps]
+        k = config.test_steps if steps is None else steps
+        probs = classification_outputs(learner, batch, (k,), num_samples, seed)[k]
         name = f"{config.algorithm} ({Path(run).name})"
         results[name] = calibration_errors(probs, batch.y_val, num_bins=num_bins)
         acc, ci = mean_ci95((probs.argmax(-1) == batch.y_val).float().mean(1))
-        report[name] = {"run": str(run), "iteration": iteration, "steps": config.test_steps, "accuracy": acc,
+        report[name] = {"run": str(run), "iteration": iteration, "steps": k, "accuracy": acc,
                         "ci95": ci, "ece": results[name]["ece"], "mce": results[name]["mce"], "num_bins": num_bins,
                         "num_tasks": num_tasks}
     out = Path(out_dir)
