@@ -27,7 +27,7 @@ from inference.gem import gem_bml_gradient, gem_plus_gradient
 from inference.imaml import imaml_adapt, imaml_gradient
 from inference.inner import InnerConfig, fit_posterior, make_optimizer
 from inference.maml import fomaml_gradient, maml_gradient, sgd_adapt
-from inference.reptile import pretrain_gradient, reptile_gradient
+from inference.reptile import optimizer_adapt, pretrain_gradient, reptile_gradient
 from models.functional import BatchedNet
 from models.guides import Guide, make_guide
 from models.hierarchical import HierarchicalModel
@@ -227,6 +227,8 @@ class MetaLearner:
                                  steps=steps, generator=generator, callback=callback)
         theta0 = self.prior.loc.detach().expand(num_tasks, -1)
         cb = None if callback is None else (lambda k, th: callback(k, Posterior(th)))
+        if cfg.optimizer.lower() != "sgd":  # adapt with the optimizer the algorithm meta-trained with (Reptile: Adam)
+            return Posterior(optimizer_adapt(self.model, theta0, x, y, cfg, steps, callback=cb))
         return Posterior(sgd_adapt(self.model, theta0, x, y, steps, cfg.lr, callback=cb).detach())
 
     @torch.no_grad()

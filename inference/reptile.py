@@ -19,14 +19,20 @@ __all__ = ["optimizer_adapt", "reptile_gradient", "pretrain_gradient"]
 
 
 def optimizer_adapt(model: HierarchicalModel, theta: Tensor, x: Tensor, y: Tensor, config: InnerConfig,
-                    steps: int | None = None) -> Tensor:
-    """K steps of the configured torch optimizer on each task's loss, all tasks at once; ``theta [T, P]``."""
+                    steps: int | None = None, callback=None) -> Tensor:
+    """K steps of the configured torch optimizer on each task's loss, all tasks at once; ``theta [T, P]``.
+
+    ``callback(step, theta)`` is called before the first step and after every step (for evaluation)."""
     theta = theta.detach().clone().requires_grad_()
     opt = make_optimizer(config.optimizer, [theta], config.lr)
-    for _ in range(config.steps if steps is None else steps):
+    if callback is not None:
+        callback(0, theta.detach())
+    for step in range(1, (config.steps if steps is None else steps) + 1):
         opt.zero_grad(set_to_none=True)
         model.point_loss(theta, x, y).sum().backward()
         opt.step()
+        if callback is not None:
+            callback(step, theta.detach().clone())
     return theta.detach()
 
 

@@ -98,3 +98,16 @@ def test_prior_from_module_matches_module_weights():
     prior = DiagonalGaussianPrior.from_module(net, 0.2)
     torch.testing.assert_close(prior.mu[:40], net[0].weight.detach().flatten())
     torch.testing.assert_close(prior.scale, torch.full_like(prior.mu, 0.2))
+
+
+def test_point_learner_adapts_with_the_optimizer_it_meta_trained_with():
+    """Reptile meta-trained with an Adam inner loop also adapts with Adam at meta-test: Adam's first step
+    moves every weight with a non-zero gradient by the learning rate."""
+    from hbmeta.tasks import SinusoidTasks
+    from inference.inner import InnerConfig
+
+    learner = MetaLearner(mlp(1, (16, 16), 1), GaussianLikelihood(0.5), algorithm="reptile",
+                          inner=InnerConfig(steps=1, lr=0.05, optimizer="adam"))
+    task = SinusoidTasks().sample(2, torch.Generator().manual_seed(0))
+    moved = (learner.adapt(task.x_train, task.y_train, steps=1).loc - learner.prior.loc.detach()).abs()
+    assert torch.allclose(moved[moved > 1e-6], torch.tensor(0.05), rtol=1e-3)
