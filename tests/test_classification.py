@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from hbmeta.cli import main
 from hbmeta.config import TrainConfig
