@@ -15,6 +15,11 @@ Fast path: when the guide is mean-field or Delta, the prior inside the ELBO is a
 in torch (reparameterised likelihood + closed-form KL), skipping Pyro's per-step tracing (~1 ms a step on
 the sinusoid net). ``InnerConfig(elbo="pyro")`` forces the traced ELBO; the two agree to float precision
 (``tests/test_inner.py``).
+
+Other priors take the traced path automatically: ``TraceMeanField_ELBO`` uses an analytic KL wherever torch
+has one registered (Laplace; the low-rank Gaussian, ``models/lowrank_prior.py``) and, where none exists
+(mixture of Gaussians, Student-t), estimates the KL term by ``log p(theta) - log q(theta)`` at the guide's
+reparameterised draw - i.e. exactly ``Trace_ELBO`` for that site (``tests/test_priors_guides.py``).
 """
 
 from __future__ import annotations
@@ -138,6 +143,16 @@ def _diagonal_normal(prior: dist.TorchDistribution) -> tuple[Tensor, Tensor] | N
     return None
 
 
+def _whitening_reference(prior: dist.TorchDistribution, start: Posterior) -> tuple[Tensor, Tensor] | None:
+    """What a whitened guide is parametrised against: the prior if it is a diagonal Normal, else (mixture,
+    low-rank, heavy-tailed priors; a low-rank q1 as the prior of VI(q1, D_val)) the marginal Gaussian the guide
+    starts from, whose scale sets the KL's curvature near the start just as the prior's does."""
+    reference = _diagonal_normal(prior)
+    if reference is None and start.kind in ("meanfield", "lowrank"):
+        reference = (start.loc, start.variance.sqrt())
+    return reference
+
+
 def _analytic_negative_elbo(model, guide, params, x, y, prior, noise) -> Tensor | None:
     r"""The mean-field ELBO in plain torch, or ``None`` where it does not apply.
 
@@ -228,7 +243,7 @@ def fit_posterior(
     if prior is None:
         with torch.no_grad():
             prior = model.prior.distribution(x.shape[0])
-    params = guide.init_params(start, _diagonal_normal(prior))
+    params = guide.init_params(start, _whitening_reference(prior, start))
     scale_lr = config.lr if config.scale_lr is None else config.scale_lr
     trainable = [p for p in params.values() if p.requires_grad]
     location = [p for n, p in params.items() if n in ("loc", "z")]
@@ -236,7 +251,7 @@ def fit_posterior(
     groups = [{"params": location, "lr": config.lr}] + ([{"params": others, "lr": scale_lr}] if others else [])
     opt = make_optimizer(config.optimizer, groups, config.lr)
     draw = noise or _standard_normal(generator, start.loc)
-    shape = torch.Size((config.num_samples, *start.loc.shape))
+    shape = torch.Size((config.num_samples, *start.loc.shape[:-1], guide.noise_size(start.loc.shape[-1])))
     if callback is not None:
         callback(0, guide.posterior(params).detach())
     for step in range(1, steps + 1):

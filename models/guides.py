@@ -17,7 +17,7 @@ from torch import Tensor
 
 from models.posterior import Posterior
 
-__all__ = ["Guide", "MeanFieldGuide", "DeltaGuide", "FullCovarianceGuide", "GUIDES", "make_guide"]
+__all__ = ["Guide", "MeanFieldGuide", "DeltaGuide", "FullCovarianceGuide", "LowRankGuide", "GUIDES", "make_guide"]
 
 
 class _NoiseNormal(dist.Normal):
@@ -56,6 +56,28 @@ class _NoiseMultivariateNormal(dist.MultivariateNormal):
         return self.loc + (self._unbroadcasted_scale_tril @ self.noise.unsqueeze(-1)).squeeze(-1)
 
 
+class _NoiseLowRankNormal(dist.LowRankMultivariateNormal):
+    """``LowRankMultivariateNormal`` whose ``rsample`` is ``loc + scale * noise[:P] + F @ noise[P:]``."""
+
+    def __init__(self, loc: Tensor, cov_factor: Tensor, scale: Tensor, noise: Tensor):
+        super().__init__(loc, cov_factor, scale.pow(2), validate_args=False)
+        self.diag_scale, self.noise = scale, noise
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        p, r = self.cov_factor.shape[-2:]
+        # factor and scale stay unbroadcast: torch then factorises the capacitance once per task, not per draw
+        return _NoiseLowRankNormal(self.loc.expand(*batch_shape, p), self._unbroadcasted_cov_factor, self.diag_scale,
+                                   self.noise.expand(*batch_shape, p + r))
+
+    def rsample(self, sample_shape=torch.Size()):
+        if sample_shape:
+            raise ValueError("a noise-driven guide draws exactly one value per call")
+        p = self.loc.shape[-1]
+        low = (self._unbroadcasted_cov_factor * self.noise[..., p:].unsqueeze(-2)).sum(-1)  # F @ eps, elementwise
+        return self.loc + self.diag_scale * self.noise[..., :p] + low
+
+
 class Guide:
     """Interface of a per-task guide. Parameters are a ``dict[str, Tensor]`` with leading dim ``T``."""
 
@@ -78,6 +100,10 @@ class Guide:
     def posterior(self, params: dict[str, Tensor]) -> Posterior:
         """The (possibly still attached) posterior the parameters describe."""
         raise NotImplementedError
+
+    def noise_size(self, num_params: int) -> int:
+        """Standard-normal numbers one draw of ``theta`` consumes (the last dim of ``noise``)."""
+        return num_params
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -187,11 +213,71 @@ class FullCovarianceGuide(Guide):
         return Posterior(params["loc"], scale_tril=self.scale_tril(params))
 
 
-GUIDES: dict[str, type[Guide]] = {g.name: g for g in (MeanFieldGuide, DeltaGuide, FullCovarianceGuide)}
+class LowRankGuide(Guide):
+    r"""Per-task low-rank-plus-diagonal Normal ``q = N(m_tau, diag s_tau^2 + F_tau F_tau^T)``, ``F [T, P, r]``.
+
+    Between mean-field (``r = 0``) and full covariance: ``P (r + 2)`` parameters per task, so it scales to
+    conv nets while capturing the ``r`` main directions of posterior correlation. Draws use ``P + r``
+    standard normals: :math:`\theta = m + s \odot \epsilon_{1:P} + F \epsilon_{P+1:P+r}`. Parametrised like
+    the whitened mean-field guide (``m = mu_ref + sigma_ref z``, ``s = sigma_ref e^rho``,
+    ``F = sigma_ref * G``) when a reference Gaussian is given. ``G`` starts at ``init_scale * N(0, 1)`` from a
+    fixed seed (``F = 0`` would be a stationary point of the expected ELBO in ``F``).
+
+    Args:
+        rank: ``r``.
+        init_scale: size of the initial factor, in units of the reference scale.
+        seed: seed of the initial factor.
+    """
+
+    name = "lowrank"
+
+    def __init__(self, rank: int = 2, init_scale: float = 0.01, seed: int = 0):
+        if rank < 1:
+            raise ValueError(f"LowRankGuide needs rank >= 1; got {rank}")
+        self.rank, self.init_scale, self.seed = rank, init_scale, seed
+
+    def noise_size(self, num_params: int) -> int:
+        return num_params + self.rank
+
+    def init_params(self, start: Posterior, reference: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+        loc, scale = start.loc.detach(), start.variance.sqrt().clamp_min(1e-8).detach()
+        if reference is None:
+            ref_loc, ref_scale = torch.zeros_like(loc), torch.ones_like(loc)
+        else:
+            ref_loc, ref_scale = (r.detach().expand_as(loc) for r in reference)
+        gen = torch.Generator().manual_seed(self.seed)
+        factor = self.init_scale * torch.randn((*loc.shape, self.rank), generator=gen, dtype=loc.dtype)
+        return {"z": ((loc - ref_loc) / ref_scale).requires_grad_(), "rho": (scale.log() - ref_scale.log()).requires_grad_(),
+                "factor": factor.to(loc.device).requires_grad_(), "ref_loc": ref_loc, "ref_scale": ref_scale}
+
+    @staticmethod
+    def moments(params: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(m, s, F)`` of the guide."""
+        ref_scale = params["ref_scale"]
+        return (params["ref_loc"] + ref_scale * params["z"], ref_scale * params["rho"].exp(),
+                ref_scale.unsqueeze(-1) * params["factor"])
+
+    def distribution(self, params, noise):
+        loc, scale, factor = self.moments(params)
+        if noise is None:
+            return dist.LowRankMultivariateNormal(loc, factor, scale.pow(2))
+        shape = noise.shape[:-1]
+        p = loc.shape[-1]
+        return _NoiseLowRankNormal(loc.expand(*shape, p), factor, scale, noise)
+
+    def posterior(self, params):
+        loc, scale, factor = self.moments(params)
+        return Posterior(loc, scale, cov_factor=factor)
+
+    def __repr__(self) -> str:
+        return f"LowRankGuide(rank={self.rank})"
+
+
+GUIDES: dict[str, type[Guide]] = {g.name: g for g in (MeanFieldGuide, DeltaGuide, FullCovarianceGuide, LowRankGuide)}
 
 
 def make_guide(name: str) -> Guide:
-    """A guide by name: ``meanfield`` (default), ``delta`` or ``fullcov``."""
+    """A guide by name: ``meanfield`` (default), ``delta``, ``fullcov`` or ``lowrank`` (rank 2)."""
     try:
         return GUIDES[name]()
     except KeyError:
@@ -208,4 +294,16 @@ def _kl_mvn_diagonal_normal(p: dist.MultivariateNormal, q: torch.distributions.I
     tril = p._unbroadcasted_scale_tril
     var_p = tril.pow(2).sum(-1)
     log_det_p = 2 * torch.diagonal(tril, dim1=-2, dim2=-1).log().sum(-1)
+    return 0.5 * ((var_p + (p.loc - mu).pow(2)) / sigma.pow(2) - 1 + 2 * sigma.log()).sum(-1) - 0.5 * log_det_p
+
+
+@torch.distributions.kl.register_kl(dist.LowRankMultivariateNormal, torch.distributions.Independent)
+def _kl_lowrank_diagonal_normal(p: dist.LowRankMultivariateNormal, q: torch.distributions.Independent) -> Tensor:
+    """Analytic KL( N(m, F F^T + diag s^2) || N(mu, diag sigma^2) ) (matrix determinant lemma for log|Sigma_p|)."""
+    if not (isinstance(q.base_dist, torch.distributions.Normal) and q.reinterpreted_batch_ndims == 1):
+        raise NotImplementedError
+    mu, sigma = q.base_dist.loc, q.base_dist.scale
+    factor, diag = p._unbroadcasted_cov_factor, p._unbroadcasted_cov_diag
+    var_p = diag + factor.pow(2).sum(-1)
+    log_det_p = diag.log().sum(-1) + 2 * torch.diagonal(p._capacitance_tril, dim1=-2, dim2=-1).log().sum(-1)
     return 0.5 * ((var_p + (p.loc - mu).pow(2)) / sigma.pow(2) - 1 + 2 * sigma.log()).sum(-1) - 0.5 * log_det_p

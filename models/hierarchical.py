@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from models.functional import BatchedNet
 from models.likelihoods import Likelihood
+from models.posterior import Posterior
 from models.priors import Prior
 
 __all__ = ["HierarchicalModel"]
@@ -49,6 +50,11 @@ class HierarchicalModel:
             pred = self.net(theta, x)
             pyro.sample("obs", self.likelihood.distribution(pred), obs=y)
         return theta
+
+    def initial_posterior(self, x: Tensor, y: Tensor) -> Posterior:
+        """Where the inner update on data ``(x, y)`` starts: the prior's :meth:`~models.priors.Prior.start_posterior`
+        (the prior itself for most priors; the best-fitting component for a mixture)."""
+        return self.prior.start_posterior(x.shape[0], lambda theta: self.log_likelihood(theta, x, y))
 
     def log_likelihood(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``log p(D_tau | theta)`` for ``theta [*S, T, P]`` -> ``[*S, T]``."""

@@ -23,6 +23,8 @@ class Posterior:
     Exactly one form is used:
       - mean-field: ``loc [T, P]`` and ``scale [T, P]`` (standard deviations);
       - full covariance: ``loc [T, P]`` and ``scale_tril [T, P, P]`` (Cholesky factor);
+      - low rank plus diagonal: ``loc [T, P]``, ``scale [T, P]`` and ``cov_factor [T, P, r]``
+        (covariance ``diag(scale^2) + F F^T``, the low-rank guide);
       - point mass (Delta / MAP): ``loc`` only;
       - particles (SVGD, BMAML): ``particles [M, T, P]``, an equally weighted empirical distribution, with
         ``loc`` their mean (build it with :meth:`from_particles`).
@@ -32,6 +34,7 @@ class Posterior:
     scale: Tensor | None = None
     scale_tril: Tensor | None = None
     particles: Tensor | None = None
+    cov_factor: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.loc.dim() != 2:
@@ -42,6 +45,10 @@ class Posterior:
             raise ValueError(f"scale {tuple(self.scale.shape)} does not match loc {tuple(self.loc.shape)}")
         if self.scale_tril is not None and self.scale_tril.shape != (*self.loc.shape, self.loc.shape[-1]):
             raise ValueError(f"scale_tril {tuple(self.scale_tril.shape)} must be [T, P, P] for loc {tuple(self.loc.shape)}")
+        if self.cov_factor is not None and (self.scale is None or self.cov_factor.dim() != 3
+                                            or self.cov_factor.shape[:2] != self.loc.shape):
+            raise ValueError(f"cov_factor {tuple(self.cov_factor.shape)} needs scale and must be [T, P, r] for loc "
+                             f"{tuple(self.loc.shape)}")
         if self.particles is not None:
             if self.scale is not None or self.scale_tril is not None:
                 raise ValueError("a particle posterior carries no scale / scale_tril: its spread is the particles'")
@@ -61,6 +68,8 @@ class Posterior:
             return "particles"
         if self.scale_tril is not None:
             return "full"
+        if self.cov_factor is not None:
+            return "lowrank"
         return "delta" if self.scale is None else "meanfield"
 
     @property
@@ -76,6 +85,8 @@ class Posterior:
             return self.scale_tril.pow(2).sum(-1)
         if self.scale is None:
             return torch.zeros_like(self.loc)
+        if self.cov_factor is not None:
+            return self.scale.pow(2) + self.cov_factor.pow(2).sum(-1)
         return self.scale.pow(2)
 
     @property
@@ -86,6 +97,8 @@ class Posterior:
             return centred.transpose(-1, -2) @ centred / self.particles.shape[0]
         if self.scale_tril is not None:
             return self.scale_tril @ self.scale_tril.transpose(-1, -2)
+        if self.cov_factor is not None:
+            return torch.diag_embed(self.scale.pow(2)) + self.cov_factor @ self.cov_factor.transpose(-1, -2)
         return torch.diag_embed(self.variance)
 
     def distribution(self) -> dist.TorchDistribution:
@@ -95,6 +108,8 @@ class Posterior:
                                       "use sample() or .particles")
         if self.scale_tril is not None:
             return dist.MultivariateNormal(self.loc, scale_tril=self.scale_tril)
+        if self.cov_factor is not None:
+            return dist.LowRankMultivariateNormal(self.loc, self.cov_factor, self.scale.pow(2))
         if self.scale is None:
             return dist.Delta(self.loc).to_event(1)
         return dist.Normal(self.loc, self.scale).to_event(1)
@@ -112,6 +127,10 @@ class Posterior:
             return self.loc + (self.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
         if self.scale is None:
             return self.loc.expand(num_samples, *self.loc.shape)
+        if self.cov_factor is not None:
+            low = torch.randn((num_samples, *self.cov_factor.shape[:1], self.cov_factor.shape[-1]), generator=generator,
+                              device=self.loc.device, dtype=self.loc.dtype)
+            return self.loc + self.scale * eps + (self.cov_factor @ low.unsqueeze(-1)).squeeze(-1)
         return self.loc + self.scale * eps
 
     def _map(self, fn, particle_fn=None) -> "Posterior":
@@ -119,7 +138,8 @@ class Posterior:
         particle_fn = fn if particle_fn is None else particle_fn
         return Posterior(fn(self.loc), None if self.scale is None else fn(self.scale),
                          None if self.scale_tril is None else fn(self.scale_tril),
-                         None if self.particles is None else particle_fn(self.particles))
+                         None if self.particles is None else particle_fn(self.particles),
+                         None if self.cov_factor is None else fn(self.cov_factor))
 
     def detach(self) -> "Posterior":
         return self._map(lambda t: t.detach())
@@ -139,4 +159,4 @@ class Posterior:
         first = parts[0]
         def cat(attr, dim=0):
             return None if getattr(first, attr) is None else torch.cat([getattr(p, attr) for p in parts], dim)
-        return Posterior(cat("loc"), cat("scale"), cat("scale_tril"), cat("particles", 1))
+        return Posterior(cat("loc"), cat("scale"), cat("scale_tril"), cat("particles", 1), cat("cov_factor"))

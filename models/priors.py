@@ -22,7 +22,18 @@ from torch import Tensor, nn
 
 from models.posterior import Posterior
 
-__all__ = ["Prior", "DiagonalGaussianPrior", "ParticlePrior"]
+__all__ = ["Prior", "DiagonalGaussianPrior", "ParticlePrior", "expectation_gradient"]
+
+
+def expectation_gradient(expected_log_prob, params: dict[str, Tensor], posterior: Posterior) -> dict[str, Tensor]:
+    r"""Per-task ``grad_Theta E_q log p(theta; Theta)`` from a closed-form expectation, by autograd.
+
+    ``expected_log_prob(params, m [P], v [P]) -> scalar`` is :math:`\mathbb{E}_{N(m, \mathrm{diag}\, v)}
+    \log p(\theta; \Theta)` written analytically; its gradient, vmapped over the ``T`` tasks of ``posterior``
+    (mean-field or point mass: only ``loc`` and the marginal variances enter), is the closed-form GEM gradient.
+    """
+    per_task = torch.func.vmap(torch.func.grad(expected_log_prob), in_dims=(None, 0, 0))
+    return per_task({n: p.detach() for n, p in params.items()}, posterior.loc.detach(), posterior.variance.detach())
 
 
 class Prior(nn.Module):
@@ -44,6 +55,14 @@ class Prior(nn.Module):
     def initial_posterior(self, num_tasks: int) -> Posterior:
         """The per-task guide's starting point: a Gaussian matched to the prior."""
         raise NotImplementedError
+
+    def start_posterior(self, num_tasks: int, log_likelihood=None) -> Posterior:
+        """Where each task's inner update starts, given ``log_likelihood(theta [*S, T, P]) -> [*S, T]`` of its data.
+
+        Default: :meth:`initial_posterior` (the data are not looked at). A mixture prior overrides this to
+        start each task at the component that explains its data best (a hard E-step).
+        """
+        return self.initial_posterior(num_tasks)
 
     @property
     def loc(self) -> Tensor:
