@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from inference.batch import TaskBatch
-from inference.inner import InnerConfig, fit_posterior
+from inference.inner import InnerConfig, NoiseFn, fit_posterior
 from models.guides import Guide
 from models.hierarchical import HierarchicalModel
 from models.posterior import Posterior
@@ -59,47 +59,49 @@ def gem_gradient(prior: Prior, posterior: Posterior, closed_form: bool = True, n
 
 
 def gem_bml_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, config: InnerConfig,
-                     generator: torch.Generator | None = None, closed_form: bool = True
+                     generator: torch.Generator | None = None, closed_form: bool = True, noise: NoiseFn | None = None
                      ) -> tuple[dict[str, Tensor], Posterior]:
     r"""GEM-BML: :math:`\nabla_\Theta L^{[1]}_\tau` from the posterior on :math:`D^{tr}_\tau \cup D^{val}_\tau`.
 
     The inner update is VI from the prior on the joint data (which with a Delta guide and a fixed prior
     scale makes the mean update Reptile's, section 4). Returns the per-task gradients and the posterior.
+    ``noise`` (optional) replaces ``generator`` as the inner loop's noise (:func:`inference.inner.fit_posterior`).
     """
     x, y = batch.joint()
-    post = fit_posterior(model, guide, x, y, model.prior.initial_posterior(batch.num_tasks), config=config,
-                         generator=generator)
+    post = fit_posterior(model, guide, x, y, model.initial_posterior(x, y), config=config,
+                         generator=generator, noise=noise)
     return gem_gradient(model.prior, post, closed_form, generator=generator), post
 
 
 def gem_plus_posteriors(model: HierarchicalModel, guide: Guide, batch: TaskBatch, config: InnerConfig,
-                        generator: torch.Generator | None = None, mode: str = "sequential"
-                        ) -> tuple[Posterior, Posterior]:
+                        generator: torch.Generator | None = None, mode: str = "sequential",
+                        noise: NoiseFn | None = None) -> tuple[Posterior, Posterior]:
     r"""The two posteriors of GEM-BML+: ``q1 = VI(Theta, D_tr)`` and ``q2`` on ``D_tr u D_val``.
 
     ``mode="sequential"`` (the paper's VI(lambda_tr, D_val)): start at q1, use q1 as the prior, data D_val.
     ``mode="joint"``: start at q1, prior Theta, data D_tr u D_val.
+    ``noise`` (optional) replaces ``generator`` as both fits' reparameterisation noise, drawn in the same order.
     """
     if mode not in ("sequential", "joint"):
         raise ValueError(f"unknown GEM-BML+ mode {mode!r}; choose 'sequential' or 'joint'")
-    q1 = fit_posterior(model, guide, batch.x_train, batch.y_train, model.prior.initial_posterior(batch.num_tasks),
-                       config=config, generator=generator)
+    q1 = fit_posterior(model, guide, batch.x_train, batch.y_train, model.initial_posterior(batch.x_train, batch.y_train),
+                       config=config, generator=generator, noise=noise)
     val_steps = config.val_steps if config.val_steps is not None else config.steps
     if mode == "sequential":
         if q1.kind == "delta":
             raise ValueError("sequential GEM-BML+ needs a posterior with a density as the prior of VI(lambda_tr, D_val); "
                              "a Delta guide has none: use mode='joint'")
         q2 = fit_posterior(model, guide, batch.x_val, batch.y_val, q1, prior=q1.distribution(), config=config,
-                           steps=val_steps, generator=generator)
+                           steps=val_steps, generator=generator, noise=noise)
     else:
         x, y = batch.joint()
-        q2 = fit_posterior(model, guide, x, y, q1, config=config, steps=val_steps, generator=generator)
+        q2 = fit_posterior(model, guide, x, y, q1, config=config, steps=val_steps, generator=generator, noise=noise)
     return q1, q2
 
 
 def gem_plus_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, config: InnerConfig,
-                      generator: torch.Generator | None = None, closed_form: bool = True, mode: str = "sequential"
-                      ) -> tuple[dict[str, Tensor], Posterior]:
+                      generator: torch.Generator | None = None, closed_form: bool = True, mode: str = "sequential",
+                      noise: NoiseFn | None = None) -> tuple[dict[str, Tensor], Posterior]:
     r"""GEM-BML+: :math:`\nabla L^{[2]}_\tau = \hat g(q_2) - \hat g(q_1)` (Subroutine GEM-BML+, appendix A.4, eq. 21).
 
     For the diagonal Gaussian prior this is, per weight,
@@ -107,7 +109,7 @@ def gem_plus_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, 
     :math:`\partial_{\log\sigma} = (s_2^2 + (m_2-\mu)^2 - s_1^2 - (m_1-\mu)^2)/\sigma^2`.
     Returns the per-task gradients and q1 (the posterior on the support set).
     """
-    q1, q2 = gem_plus_posteriors(model, guide, batch, config, generator, mode)
+    q1, q2 = gem_plus_posteriors(model, guide, batch, config, generator, mode, noise)
     g2 = gem_gradient(model.prior, q2, closed_form, generator=generator)
     g1 = gem_gradient(model.prior, q1, closed_form, generator=generator)
     return {n: g2[n] - g1[n] for n in g2}, q1
