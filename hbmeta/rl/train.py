@@ -1,0 +1,116 @@
+"""Meta-RL training runs: the run folder, checkpoints, resume and seeded generators of :mod:`hbmeta.train`.
+
+Iteration ``i`` draws its tasks and the environments' reset seeds from the task generator of
+:func:`hbmeta.train.iteration_generators` ``(seed, i)`` and every action / posterior draw from its noise
+generator, so a resumed run repeats an uninterrupted one. RL runs on the CPU (the simulators do).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hbmeta.checkpoint import load_checkpoint
+from hbmeta.config import TrainConfig, torch_threads
+from hbmeta.rl.envs import make_task_distribution
+from hbmeta.rl.rollouts import collect_rollouts
+from hbmeta.train import (
+    CHECKPOINT,
+    TrainResult,
+    _checkpoint,
+    _restore,
+    iteration_generators,
+)
+from inference.rl_learner import PolicyMetaLearner, SampleFn
+from models.policy import GaussianMLPPolicy
+
+__all__ = ["build_policy_learner", "load_policy_learner", "make_sampler", "train_rl"]
+
+
+def build_policy_learner(config: TrainConfig) -> PolicyMetaLearner:
+    """The policy (initialised from ``config.seed``) and meta-learner of an RL run."""
+    if config.guide != "meanfield" or getattr(config, "prior", "diagonal") != "diagonal":
+        raise ValueError(f"meta-RL uses the diagonal Gaussian prior and the mean-field guide; got prior "
+                         f"{getattr(config, 'prior', 'diagonal')!r}, guide {config.guide!r}")
+    env = make_task_distribution(config.experiment, 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        policy = GaussianMLPPolicy(env.obs_dim, env.act_dim)
+    return PolicyMetaLearner(policy, config.algorithm, inner_update=config.rl_inner, inner_lr=config.inner_lr,
+                             inner_steps=config.inner_steps, meta_lr=config.meta_lr, prior_scale=config.prior_scale,
+                             max_prior_scale=config.max_prior_scale, max_kl=config.max_kl,
+                             num_samples=config.num_samples, gem_plus_mode=config.gem_plus_mode)
+
+
+def make_sampler(env, tasks: torch.Tensor, learner: PolicyMetaLearner, episodes: int, noise: torch.Generator,
+                 seed: int) -> SampleFn:
+    """``sample(theta [T, P]) -> (PolicyData, mean return)`` on ``tasks``; each call resets with a new seed."""
+    calls = [0]
+
+    def sample(theta: torch.Tensor):
+        rollouts = collect_rollouts(env, tasks, learner.model.net, theta, episodes, noise, seed=seed + calls[0])
+        calls[0] += 1
+        return rollouts.policy_data(), rollouts.mean_return()
+
+    return sample
+
+
+def load_policy_learner(run_dir: str | Path) -> tuple[PolicyMetaLearner, TrainConfig, int]:
+    """Rebuild an RL run's learner from its checkpoint: ``(learner, config, iteration)``."""
+    path = Path(run_dir) / CHECKPOINT if Path(run_dir).is_dir() else Path(run_dir)
+    state = load_checkpoint(path)
+    config = TrainConfig.from_dict(state["config"])
+    learner = build_policy_learner(config)
+    learner.load_state_dict(state["learner"])
+    return learner, config, int(state["iteration"])
+
+
+def train_rl(config: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+             stop_after: int | None = None) -> TrainResult:
+    """Meta-train a policy per ``config`` into ``run_dir`` (same folder layout and resume rules as ``hbmeta.train``)."""
+    with torch_threads(config.threads):
+        return _train_rl(config, Path(run_dir), resume, progress, stop_after)
+
+
+def _train_rl(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, stop_after: int | None) -> TrainResult:
+    learner = build_policy_learner(config)
+    env = make_task_distribution(config.experiment, config.horizon)
+    if resume:
+        start = _restore(config, run_dir, learner)
+    else:
+        if (run_dir / CHECKPOINT).exists():
+            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        start = 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume and metrics_path.exists():
+        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= start]
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    end = config.iterations if stop_after is None else min(config.iterations, start + stop_after)
+    began = time.perf_counter()
+    bar = tqdm(range(start, end), initial=start, total=config.iterations, disable=not progress,
+               desc=f"{config.algorithm} on {config.experiment}", unit="it")
+    with metrics_path.open("a") as metrics:
+        for it in bar:
+            task_gen, noise_gen = iteration_generators(config.seed, it, torch.device("cpu"))
+            tasks = env.sample_tasks(config.meta_batch, task_gen)
+            seed = int(torch.randint(0, 2**30, (1,), generator=task_gen))
+            sample = make_sampler(env, tasks, learner, config.k_shot, noise_gen, seed)
+            info = learner.meta_step(sample, config.meta_batch, noise_gen)
+            done = it + 1
+            if done % config.log_every == 0 or done == end:
+                record = {"iteration": done, "seconds": time.perf_counter() - began, **info,
+                          "prior_scale": float(learner.prior.scale.detach().mean())}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            bar.set_postfix(before=f"{info['return_before']:.1f}", after=f"{info['return_after']:.1f}")
+            if done % config.checkpoint_every == 0 or done == end:
+                _checkpoint(learner, config, done, run_dir)
+    if start == end:
+        _checkpoint(learner, config, end, run_dir)
+    return TrainResult(learner, config, run_dir, time.perf_counter() - began)
