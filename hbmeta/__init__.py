@@ -27,7 +27,7 @@ from hbmeta.train import load_learner, train
 from inference import (ALGORITHMS, InnerConfig, InnerLoopDivergedError, MetaLearner, TaskBatch, fit_posterior,
                        gem_gradient, gem_plus_gradient)
 from models import (BatchedNet, CategoricalLikelihood, DeltaGuide, DiagonalGaussianPrior, FullCovarianceGuide,
-                    GaussianLikelihood, HierarchicalModel, MeanFieldGuide, Posterior, mlp)
+                    GaussianLikelihood, HierarchicalModel, MeanFieldGuide, Posterior, make_prior, mlp)
 
 __version__ = "0.1.0"
 
@@ -36,5 +36,5 @@ __all__ = [
     "InnerLoopDivergedError", "HierarchicalModel", "DiagonalGaussianPrior", "MeanFieldGuide", "DeltaGuide",
     "FullCovarianceGuide", "GaussianLikelihood", "CategoricalLikelihood", "Posterior", "BatchedNet", "mlp",
     "SinusoidTasks", "TrainConfig", "train", "load_learner", "evaluate_regression", "EXPERIMENTS",
-    "save_checkpoint", "load_checkpoint", "CheckpointError",
+    "save_checkpoint", "load_checkpoint", "CheckpointError", "make_prior",
 ]

@@ -4,6 +4,8 @@
     hbmeta train sinusoid --algo gem-bml+ --iterations 2000 --out runs/gem
     hbmeta train sinusoid --algo gem-bml+ --iterations 4000 --out runs/gem --resume
     hbmeta evaluate runs/gem --steps 10
+    hbmeta train nav2d --algo gem-bml+ --iterations 300 --out runs/nav2d   # meta-RL (--shots = rollouts per task)
+    hbmeta evaluate runs/nav2d --steps 3                                      # return after 0..3 steps
     hbmeta gradient-study --out runs/gradient-study
     hbmeta bench step --out runs/bench
 """
@@ -53,17 +55,42 @@ def _add_train(sub) -> None:
     p.add_argument("--max-prior-scale", type=float, default=d.max_prior_scale,
                    help="ceiling on the learned prior sd (guards GEM's scale update against inner-loop noise); 0 = none")
     p.add_argument("--noise-scale", type=float, default=d.noise_scale, help="Gaussian likelihood's noise sd")
-    p.add_argument("--guide", default=d.guide, help="meanfield, delta or fullcov")
+    p.add_argument("--guide", default=d.guide, help="meanfield, delta, fullcov or lowrank")
+    p.add_argument("--prior", default=d.prior, choices=["diagonal", "lowrank", "mixture", "laplace", "studentt"],
+                   help="prior over the weights (docs/priors-and-guides.md)")
+    p.add_argument("--prior-components", type=int, default=d.prior_components,
+                   help="mixture components K, or the rank of the low-rank prior")
     p.add_argument("--gem-plus-mode", default=d.gem_plus_mode, choices=["sequential", "joint"])
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--log-every", type=int, default=d.log_every, help="iterations between lines of metrics.jsonl")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (1 is fastest for small nets)")
+    p.add_argument("--horizon", type=int, default=None, help="RL: steps per episode (nav2d 100, cheetah 200)")
+    p.add_argument("--rl-inner", default=None, choices=["pg", "trpo"], help="RL: inner update of GEM-BML(+)")
+    p.add_argument("--max-kl", type=float, default=None, help="RL: TRPO's KL bound (inner TRPO, MAML's meta-update)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--distributed", action="store_true", help="under torchrun: split each meta-batch's tasks over "
+                   "the ranks, all-reduce the meta-gradient (docs/distributed.md)")
+    p.add_argument("--private", action="store_true", help="distributed GEM-BML(+): ranks send only posterior "
+                   "parameters to rank 0, which steps and broadcasts the prior (docs/distributed.md)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast of the inner loop's network forward passes "
+                   "(GEM, FOMAML, Reptile, iMAML; not algorithms that backpropagate through the inner loop)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--eval-tasks", type=int, default=None,
                    help="new tasks for the evaluation after training (default: 100 regression, 600 classification)")
+    p.add_argument("--scheduler", default=d.scheduler, choices=["uniform", "greedy", "ats"],
+                   help="task scheduler: uniform (default), greedy (hardest first) or ats (learned; docs/ats.md)")
+    p.add_argument("--pool-size", type=int, default=None, help="candidate tasks per iteration (default 2 x meta-batch)")
+    p.add_argument("--temperature", type=float, default=None, help="scheduler softmax temperature (default 0.1 "
+                   "with --label-noise, else 1)")
+    p.add_argument("--scheduler-lr", type=float, default=d.scheduler_lr, help="ATS scheduler learning rate")
+    p.add_argument("--scheduler-warmup", type=int, default=d.scheduler_warmup,
+                   help="first iterations train only the ATS scheduler (meta-updates undone)")
+    p.add_argument("--label-noise", type=float, default=d.label_noise,
+                   help="mean symmetric label-flip ratio of meta-training support sets (per-task ratios around it)")
+    p.add_argument("--class-budget", type=int, default=None, help="meta-train on this many training classes only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,9 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("which", choices=["step", "scaling"],
+    p.add_argument("which", choices=["step", "scaling", "throughput"],
                    help="step: sinusoid net, time and memory per meta-iteration vs inner steps; "
-                        "scaling: the same with conv4 on miniImageNet-shaped 5-way 1-shot tasks (paper Fig. 2b)")
+                        "scaling: the same with conv4 on miniImageNet-shaped 5-way 1-shot tasks (paper Fig. 2b); "
+                        "throughput: tasks adapted per second vs meta-batch size, sinusoid and conv4")
+    p.add_argument("--meta-batches", default=None, help="throughput: comma-separated meta-batch sizes (4,8,...,128)")
+    p.add_argument("--benchmarks", default=None, help="throughput: comma-separated, from sinusoid,conv4")
+    p.add_argument("--amp", action="store_true", help="throughput: bf16 autocast of the network forward passes")
     p.add_argument("--queries", type=int, default=None, help="scaling: query images per class")
     p.add_argument("--inner-steps", default=None, help="comma-separated inner-step counts, e.g. 1,2,5,10,20")
     p.add_argument("--warmup", type=int, default=None, help="untimed repetitions first")
@@ -122,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_evaluation(evaluation: dict) -> None:
     for k, v in evaluation.items():
-        if "accuracy" in v:
+        if "r2_mean" in v:
+            print(f"  R^2 after {k:>2} steps: mean {v['r2_mean']:.4f} ± {v['ci95']:.4f}, median {v['r2_median']:.4f} "
+                  f"({v['num_tasks']} assays)")
+        elif "accuracy" in v:
             print(f"  accuracy after {k:>2} steps: {100 * v['accuracy']:.2f} ± {100 * v['ci95']:.2f} %   "
                   f"ECE {v['ece']:.4f}  MCE {v['mce']:.4f} ({v['num_bins']} bins)")
         else:
@@ -139,7 +173,13 @@ def _cmd_train(args) -> int:
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume", "no_progress", "eval_tasks")}
     config = TrainConfig(**fields)
+    if get_experiment(config.experiment).metric == "return":  # meta-RL (hbmeta.rl)
+        from hbmeta.rl.commands import train_command
+
+        return train_command(config, args.out, args.resume, not args.no_progress, args.eval_tasks)
     result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    if result.rank != 0:  # a distributed run: rank 0 evaluates and writes the files
+        return 0
     steps = tuple(sorted({0, 1, 5, 10, config.test_steps}))
     evaluation = evaluate_experiment(result.learner, config, steps, num_tasks=args.eval_tasks)
     (Path(args.out) / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
@@ -158,8 +198,11 @@ def _cmd_train(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from hbmeta.evaluate import evaluate_experiment
+    from hbmeta.rl.commands import evaluate_command, is_rl_run
     from hbmeta.train import load_learner
 
+    if is_rl_run(args.run):  # meta-RL: average return after 0..steps adaptation steps
+        return evaluate_command(args.run, args.steps, args.tasks, args.seed)
     learner, config, iteration = load_learner(args.run, args.device)
     evaluation = evaluate_experiment(learner, config, tuple(range(args.steps + 1)), num_tasks=args.tasks, seed=args.seed)
     print(f"{config.algorithm} on {config.experiment}, checkpoint at iteration {iteration}, "
@@ -226,6 +269,10 @@ def _cmd_gradient_study(args) -> int:
 def _cmd_bench(args) -> int:
     from hbmeta import bench
 
+    if args.which == "throughput":
+        from hbmeta import throughput
+
+        return throughput.run_from_args(args)
     if args.which == "scaling":
         from hbmeta import scaling
 

@@ -66,17 +66,37 @@ class TrainConfig:
     max_prior_scale: float | None = 0.1
     noise_scale: float = 0.5
     guide: str = "meanfield"
+    prior: str = "diagonal"
+    prior_components: int = 2
     gem_plus_mode: str = "sequential"
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 100
     log_every: int = 10
     threads: int | None = 1
+    horizon: int | None = None  # RL: steps per episode (nav2d 100, cheetah 200; hbmeta.rl)
+    rl_inner: str | None = None  # RL: the Bayesian learners' inner update, "pg" or "trpo"
+    max_kl: float | None = None  # RL: TRPO's KL bound (inner TRPO; MAML's meta-update)
+    scheduler: str = "uniform"  # task scheduler (hbmeta.schedulers): uniform, greedy or ats
+    pool_size: int | None = None  # candidate tasks per iteration (non-uniform schedulers; default 2 x meta_batch)
+    temperature: float | None = None  # scheduler softmax temperature (default 0.1 with label noise, else 1)
+    scheduler_lr: float = 1e-3
+    scheduler_warmup: int = 0  # first iterations train only the ATS scheduler (meta-updates undone)
+    label_noise: float = 0.0  # mean symmetric label-flip ratio of the support sets (hbmeta.noisy)
+    class_budget: int | None = None  # meta-train on this many training classes only (hbmeta.noisy)
+    distributed: bool = False  # run under torchrun, tasks split over the ranks (hbmeta.distributed)
+    private: bool = False  # distributed, only posterior parameters on the wire (hbmeta.distributed)
+    amp: bool = False  # bf16 autocast of the inner loop's network forward passes (hbmeta.precision)
 
     def __post_init__(self) -> None:
         from hbmeta.experiments import get_experiment
 
         self.algorithm = get_algorithm(self.algorithm).name
+        from models.prior_factory import PRIORS
+
+        if self.prior not in PRIORS or self.prior_components < 1:
+            raise ValueError(f"bad prior {self.prior!r} with {self.prior_components} components; choose one of "
+                             f"{', '.join(PRIORS)} and components >= 1")
         if self.max_prior_scale is not None and self.max_prior_scale <= 0:
             self.max_prior_scale = None  # 0 on the command line: no ceiling
         if self.prior_scale is None:  # BMAML's particles need a wider initial spread (README, "Defaults")
@@ -98,6 +118,25 @@ class TrainConfig:
                 raise ValueError(f"experiment {self.experiment!r} has no default for {key}; give it explicitly")
         if self.iterations < 0 or self.meta_batch < 1:
             raise ValueError(f"iterations must be >= 0 and meta_batch >= 1; got {self.iterations}, {self.meta_batch}")
+        self._check_scheduler()
+
+    def _check_scheduler(self) -> None:
+        """Validate the task-scheduler fields and fill their defaults (ATS appendix C.1 / D.2)."""
+        from hbmeta.schedulers import SCHEDULERS
+
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if not 0.0 <= self.label_noise <= 1.0:
+            raise ValueError(f"label_noise must be in [0, 1]; got {self.label_noise}")
+        if self.scheduler != "uniform":
+            if self.distributed or self.private:
+                raise ValueError(f"--scheduler {self.scheduler} runs in single-process training only, not distributed")
+            self.pool_size = 2 * self.meta_batch if self.pool_size is None else self.pool_size
+            self.temperature = (0.1 if self.label_noise > 0 else 1.0) if self.temperature is None else self.temperature
+        if self.pool_size is not None and self.pool_size < self.meta_batch:
+            raise ValueError(f"pool_size={self.pool_size} must be at least meta_batch={self.meta_batch}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"temperature must be positive; got {self.temperature}")
 
     def inner(self) -> InnerConfig:
         return InnerConfig(steps=self.inner_steps, lr=self.inner_lr, optimizer=self.inner_optimizer,

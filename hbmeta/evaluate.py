@@ -111,6 +111,10 @@ def evaluate_experiment(learner: MetaLearner, config, steps: tuple[int, ...], nu
     tasks = experiment.test_tasks(config)
     if experiment.metric == "accuracy":
         return evaluate_classification(learner, tasks, steps, num_tasks or 600, seed=seed)
+    if experiment.metric == "r2":  # drug activity: R^2 per held-out assay, mean and median (hbmeta.drug)
+        from hbmeta.drug import evaluate_drug
+
+        return evaluate_drug(learner, tasks, steps, num_tasks, seed=seed)
     return evaluate_regression(learner, tasks, steps, num_tasks=num_tasks or 100, seed=seed)
 
 

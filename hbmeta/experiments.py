@@ -3,8 +3,12 @@
 Registered here:
 
 - ``sinusoid``, ``sinusoid-challenging``: regression (GEM-BML section 5.1, appendix C.4.1).
+- ``multimodal``: sinusoids, lines and quadratics (``hbmeta.multimodal``), for the mixture prior.
 - ``omniglot``, ``miniimagenet``: N-way K-shot classification with the conv4 body (section 5.2,
   appendix C.4.2). ``--ways`` / ``--shots`` choose N and K.
+- ``drug``: FS-Mol assays, pXC50 regression, metric R^2 per assay (ATS appendix B.1; :mod:`hbmeta.drug`).
+- ``nav2d``, ``cheetah-vel``, ``cheetah-dir``: meta-RL (section 5.3, appendix C.4.3; :mod:`hbmeta.rl`), metric
+  the average return; training and evaluation dispatch to :mod:`hbmeta.rl`.
 
 An experiment's ``defaults(config)`` fills the run-config fields the user left unset (``None``); what is
 still unset after that takes the algorithm family's defaults (:func:`inference.learner.default_inner`).
@@ -38,7 +42,7 @@ class Experiment:
     Attributes:
         make_tasks: meta-training task distribution; ``.sample(T, generator)`` gives a ``TaskBatch``.
         make_test_tasks: held-out tasks for meta-test (``None``: the same distribution as ``make_tasks``).
-        metric: what ``evaluate`` reports (``"mse"`` or ``"accuracy"``).
+        metric: what ``evaluate`` reports (``"mse"``, ``"accuracy"`` or ``"r2"``).
         defaults: ``config -> {field: value}`` for fields the user left unset.
     """
 
@@ -49,6 +53,7 @@ class Experiment:
     metric: str
     defaults: Callable[["TrainConfig"], dict[str, Any]] = field(default=_no_defaults)
     make_test_tasks: Callable[["TrainConfig"], Any] | None = None
+    make_val_tasks: Callable[["TrainConfig"], Any] | None = None  # ATS's validation tasks (None: clean train tasks)
 
     def test_tasks(self, config: "TrainConfig"):
         return (self.make_test_tasks or self.make_tasks)(config)
@@ -70,6 +75,13 @@ def _sinusoid_net(config: "TrainConfig") -> nn.Module:
 
 def _sinusoid_defaults(config: "TrainConfig") -> dict[str, Any]:
     return {"meta_batch": 25, "k_shot": 10, "k_query": 10}
+
+
+def _multimodal(config: "TrainConfig"):
+    """Sinusoids, lines and quadratics (``hbmeta.multimodal``; the mixture prior's experiment)."""
+    from hbmeta.multimodal import MultimodalTasks
+
+    return MultimodalTasks(config.k_shot, config.k_query)
 
 
 # ------------------------------------------------------------------------------------------ classification
@@ -117,8 +129,9 @@ def _omniglot_tasks(part: str) -> Callable[["TrainConfig"], Any]:
     def make(config: "TrainConfig"):
         from hbmeta.fewshot import omniglot_tasks
 
-        return omniglot_tasks(config.ways, config.k_shot, config.k_query, part=part, split=config.split,
-                              root=config.data_root, seed=config.seed)
+        tasks = omniglot_tasks(config.ways, config.k_shot, config.k_query, part=part, split=config.split,
+                               root=config.data_root, seed=config.seed)
+        return _training_variant(tasks, config) if part == "train" else tasks
     return make
 
 
@@ -126,8 +139,36 @@ def _miniimagenet_tasks(part: str) -> Callable[["TrainConfig"], Any]:
     def make(config: "TrainConfig"):
         from hbmeta.fewshot import miniimagenet_tasks
 
-        return miniimagenet_tasks(config.ways, config.k_shot, config.k_query, part=part, root=config.data_root)
+        tasks = miniimagenet_tasks(config.ways, config.k_shot, config.k_query, part=part, root=config.data_root)
+        return _training_variant(tasks, config) if part == "train" else tasks
     return make
+
+
+def _training_variant(tasks, config: "TrainConfig"):
+    """Meta-training tasks with the run's ``class_budget`` and ``label_noise`` (ATS; :mod:`hbmeta.noisy`)."""
+    from hbmeta.noisy import training_tasks
+
+    return training_tasks(tasks, config)
+
+
+# ------------------------------------------------------------------------------------------ drug activity
+def _drug_tasks(part: str) -> Callable[["TrainConfig"], Any]:
+    def make(config: "TrainConfig"):
+        from hbmeta.drug import DrugTasks
+
+        return DrugTasks.from_root(config.data_root, part, config.k_shot, config.k_query)
+    return make
+
+
+def _drug_net(config: "TrainConfig") -> nn.Module:
+    from hbmeta.drug import drug_net
+
+    return drug_net()
+
+
+def _drug_defaults(config: "TrainConfig") -> dict[str, Any]:
+    """ATS appendix C.1: meta-batch 8, pool 20; 16-shot support and query sets of FS-Mol assays."""
+    return {"meta_batch": 8, "k_shot": 16, "k_query": 16, "pool_size": 20}
 
 
 def _conv4(dataset: str) -> Callable[["TrainConfig"], nn.Module]:
@@ -138,17 +179,54 @@ def _conv4(dataset: str) -> Callable[["TrainConfig"], nn.Module]:
     return make
 
 
+# ------------------------------------------------------------------------------------------ meta-RL (hbmeta.rl)
+def _rl_tasks(name: str) -> Callable[["TrainConfig"], Any]:
+    def make(config: "TrainConfig"):
+        from hbmeta.rl.envs import make_task_distribution
+
+        return make_task_distribution(name, config.horizon)
+    return make
+
+
+def _rl_policy(name: str) -> Callable[["TrainConfig"], nn.Module]:
+    def make(config: "TrainConfig") -> nn.Module:
+        from hbmeta.rl.envs import make_task_distribution
+        from models.policy import GaussianMLPPolicy
+
+        env = make_task_distribution(name, 1)
+        return GaussianMLPPolicy(env.obs_dim, env.act_dim)
+    return make
+
+
+def _rl_likelihood(config: "TrainConfig") -> Likelihood:
+    from inference.policy_gradient import PolicyGradientLikelihood
+
+    return PolicyGradientLikelihood()
+
+
+def _rl_experiment(name: str) -> Experiment:
+    """An RL experiment (metric ``"return"``): ``hbmeta.train.train`` and the CLI hand it to :mod:`hbmeta.rl`."""
+    from hbmeta.rl.defaults import rl_defaults
+
+    return Experiment(name, _rl_tasks(name), _rl_policy(name), _rl_likelihood, "return", rl_defaults(name))
+
+
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e for e in (
         Experiment("sinusoid", _sinusoid("default"), _sinusoid_net, lambda c: GaussianLikelihood(c.noise_scale), "mse",
                    _sinusoid_defaults),
         Experiment("sinusoid-challenging", _sinusoid("challenging"), _sinusoid_net,
                    lambda c: GaussianLikelihood(c.noise_scale), "mse", _sinusoid_defaults),
+        Experiment("multimodal", _multimodal, _sinusoid_net, lambda c: GaussianLikelihood(c.noise_scale), "mse",
+                   _sinusoid_defaults),
         Experiment("omniglot", _omniglot_tasks("train"), _conv4("omniglot"), lambda c: CategoricalLikelihood(),
                    "accuracy", classification_defaults("omniglot"), _omniglot_tasks("test")),
         Experiment("miniimagenet", _miniimagenet_tasks("train"), _conv4("miniimagenet"),
                    lambda c: CategoricalLikelihood(), "accuracy", classification_defaults("miniimagenet"),
                    _miniimagenet_tasks("test")),
+        Experiment("drug", _drug_tasks("train"), _drug_net, lambda c: GaussianLikelihood(c.noise_scale), "r2",
+                   _drug_defaults, _drug_tasks("test"), _drug_tasks("valid")),
+        *(_rl_experiment(name) for name in ("nav2d", "cheetah-vel", "cheetah-dir")),
     )
 }
 

@@ -1,5 +1,6 @@
 """The "how" of hbmeta: the inner update (SVI on per-task guides) and every meta-gradient."""
 
+from inference.autoguide import AUTOGUIDES, fit_autoguide
 from inference.batch import TaskBatch
 from inference.bmaml import bmaml_gradient, svgd
 from inference.elbo_gradient import abml_gradient, elbo_gradient
@@ -9,10 +10,12 @@ from inference.inner import InnerConfig, InnerLoopDivergedError, fit_posterior, 
 from inference.learner import ALGORITHMS, Algorithm, MetaLearner, Predictive, get_algorithm
 from inference.maml import fomaml_gradient, maml_gradient
 from inference.reptile import pretrain_gradient, reptile_gradient
+from inference.rl_learner import RL_ALGORITHMS, PolicyMetaLearner
 
 __all__ = [
     "TaskBatch", "InnerConfig", "InnerLoopDivergedError", "fit_posterior", "negative_elbo", "gem_gradient",
     "mc_gem_gradient", "gem_bml_gradient", "gem_plus_gradient", "gem_plus_posteriors", "elbo_gradient",
     "abml_gradient", "maml_gradient", "fomaml_gradient", "reptile_gradient", "pretrain_gradient", "MetaLearner",
     "Predictive", "Algorithm", "ALGORITHMS", "get_algorithm", "imaml_gradient", "bmaml_gradient", "svgd",
+    "fit_autoguide", "AUTOGUIDES", "PolicyMetaLearner", "RL_ALGORITHMS",
 ]

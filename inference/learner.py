@@ -33,6 +33,7 @@ from models.guides import Guide, make_guide
 from models.hierarchical import HierarchicalModel
 from models.likelihoods import GaussianLikelihood, Likelihood
 from models.posterior import Posterior
+from models.prior_factory import make_prior
 from models.priors import DiagonalGaussianPrior, ParticlePrior, Prior
 
 __all__ = ["Algorithm", "ALGORITHMS", "MetaLearner", "Predictive", "get_algorithm", "default_inner"]
@@ -108,8 +109,10 @@ class MetaLearner:
         net: the user's ``nn.Module``; its current weights become the prior mean.
         likelihood: ``p(D | theta)``.
         algorithm: a name from :data:`ALGORITHMS`.
-        prior: a :class:`Prior`; default ``DiagonalGaussianPrior.from_module(net, prior_scale)``.
-        guide: a :class:`Guide` or its name (``meanfield``, ``delta``, ``fullcov``).
+        prior: a :class:`Prior`, or a name for :func:`models.prior_factory.make_prior` (``diagonal``, ``lowrank``,
+            ``mixture``, ``laplace``, ``studentt``; scale ``prior_scale``); default the diagonal Gaussian at
+            ``prior_scale``.
+        guide: a :class:`Guide` or its name (``meanfield``, ``delta``, ``fullcov``, ``lowrank``).
         inner: the inner update's settings (also used at meta-test unless overridden); ``None`` takes
             :func:`default_inner` of the algorithm.
         meta_lr, meta_optimizer: the meta-update's torch optimizer.
@@ -123,7 +126,7 @@ class MetaLearner:
     net: nn.Module | BatchedNet
     likelihood: Likelihood = field(default_factory=lambda: GaussianLikelihood(0.5))
     algorithm: str = "gem-bml+"
-    prior: Prior | None = None
+    prior: Prior | str | None = None
     guide: Guide | str = "meanfield"
     inner: InnerConfig | None = None
     meta_lr: float = 1e-3
@@ -144,6 +147,8 @@ class MetaLearner:
         batched = self.net if isinstance(self.net, BatchedNet) else BatchedNet(self.net)
         if self.prior_scale is None:  # BMAML's particles need a wider spread to learn (README, "Defaults")
             self.prior_scale = 0.1 if self.algorithm == "bmaml" else 0.02
+        if isinstance(self.prior, str):  # one-line swap: MetaLearner(net, prior="laplace")
+            self.prior = make_prior(self.prior, batched, self.prior_scale, max_scale=self.max_prior_scale)
         if self.algorithm == "bmaml" and self.prior is None:  # M = inner.num_samples particles around the net
             self.prior = ParticlePrior.around(batched.initial_vector(), self.inner.num_samples, self.prior_scale,
                                               torch.Generator().manual_seed(0))
@@ -153,6 +158,9 @@ class MetaLearner:
         if self.prior is None:
             self.prior = DiagonalGaussianPrior(batched.initial_vector(), torch.tensor(self.prior_scale).log(),
                                                max_scale=self.max_prior_scale)
+        if self.algorithm == "abml" and not isinstance(self.prior, DiagonalGaussianPrior):
+            raise ValueError(f"abml unrolls SVI through a diagonal Gaussian prior's (mu, log_sigma); got a "
+                             f"{type(self.prior).__name__}: use gem-bml or gem-bml+ for other priors")
         if isinstance(self.guide, str):
             self.guide = make_guide(self.guide)
         self.model = HierarchicalModel(batched, self.prior, self.likelihood)
@@ -185,7 +193,14 @@ class MetaLearner:
     def meta_step(self, batch: TaskBatch, generator: torch.Generator | None = None) -> dict[str, float]:
         """One meta-update (Algorithm 1, lines 4-10). Returns a few numbers to log."""
         batch = batch.to(self.device)
-        grads = self.meta_gradient(batch, generator)
+        return self.apply_meta_gradient(self.meta_gradient(batch, generator))
+
+    def apply_meta_gradient(self, grads: dict[str, Tensor]) -> dict[str, float]:
+        """Hand ``grads`` (descent direction of the meta-loss, averaged over tasks) to the meta-optimizer.
+
+        The second half of :meth:`meta_step`, apart so that a gradient computed elsewhere (e.g. summed over
+        the ranks of a distributed run, :mod:`hbmeta.distributed`) takes exactly the same update.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         params = dict(self.prior.named_parameters())
         if not torch.isfinite(sum(g.sum() for g in grads.values())):
@@ -223,7 +238,7 @@ class MetaLearner:
         if self.algorithm == "bmaml":
             return bmaml_adapt(self.model, x, y, cfg, steps, callback)
         if self.spec.bayesian:
-            return fit_posterior(self.model, self.guide, x, y, self.prior.initial_posterior(num_tasks), config=cfg,
+            return fit_posterior(self.model, self.guide, x, y, self.model.initial_posterior(x, y), config=cfg,
                                  steps=steps, generator=generator, callback=callback)
         theta0 = self.prior.loc.detach().expand(num_tasks, -1)
         cb = None if callback is None else (lambda k, th: callback(k, Posterior(th)))
