@@ -18,12 +18,13 @@ needs_omniglot = pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot npz file
 
 
 def test_paper_defaults_for_omniglot():
-    """Appendix C.4.2: 1-shot -> 1 inner step, meta-batch 32; 5-shot -> 5 steps, 16; Adam for GEM-BML+."""
+    """Appendix C.4.2: 1-shot -> 1 inner step, meta-batch 32; 5-shot -> 5 steps (GEM: 1, see README), 16; Adam for GEM."""
     one = TrainConfig(experiment="omniglot", algorithm="gem-bml+")
     assert (one.k_shot, one.meta_batch, one.inner_steps, one.inner_optimizer) == (1, 32, 1, "adam")
     assert one.inner_lr * one.prior_scale == pytest.approx(0.01)  # the paper's 0.01, in the whitened units
     five = TrainConfig(experiment="omniglot", algorithm="gem-bml+", k_shot=5)
-    assert (five.meta_batch, five.inner_steps) == (16, 5)
+    assert (five.meta_batch, five.inner_steps, five.test_steps) == (16, 1, 1)  # measured: 5 Adam steps fail
+    assert TrainConfig(experiment="omniglot", algorithm="maml", k_shot=5).inner_steps == 5  # C.4.2 for MAML
     maml = TrainConfig(experiment="omniglot", algorithm="maml")
     assert (maml.inner_optimizer, maml.inner_lr) == ("sgd", 0.4)
     assert TrainConfig(experiment="omniglot", meta_batch=3, inner_steps=2).meta_batch == 3  # explicit wins
