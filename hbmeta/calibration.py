@@ -46,6 +46,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from hbmeta.evaluate import mean_ci95  # noqa: E402
+from hbmeta.plots import save_figure  # noqa: E402
 from inference.learner import MetaLearner  # noqa: E402
 from models.posterior import Posterior  # noqa: E402
 
@@ -166,12 +167,7 @@ def reliability_diagram(results: dict[str, dict], path: str | Path) -> Path:
         ax.set_title(f"{name}\nECE {res['ece']:.3f}, MCE {res['mce']:.3f}", fontsize=10)
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def accuracy_ci95(correct_per_task: Tensor) -> tuple[float, float]:

@@ -1,14 +1,16 @@
-"""Checkpoints: written atomically (temp file + fsync + rename), read with ``weights_only=True``."""
+"""Checkpoints: written atomically (temp file + fsync + rename), read with ``weights_only=True``; run logs
+trimmed back to a checkpoint's iteration on resume."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "trim_log", "CheckpointError"]
 
 
 class CheckpointError(RuntimeError):
@@ -44,3 +46,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or "learner" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not an hbmeta checkpoint (no 'learner' / 'config' entries)")
     return state
+
+
+def trim_log(path: str | Path, start: int) -> None:
+    """Drop the JSON lines of a run log logged after iteration ``start`` (the checkpoint a run resumes from)."""
+    path = Path(path)
+    if path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= start]
+        path.write_text("".join(ln + "\n" for ln in kept))

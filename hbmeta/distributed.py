@@ -55,7 +55,9 @@ from hbmeta.train import (
     _checkpoint,
     _restore,
     build_learner,
+    check_new_run,
     iteration_generators,
+    open_run_dir,
 )
 from inference.batch import TaskBatch
 from inference.gem import gem_bml_gradient, gem_gradient, gem_plus_posteriors
@@ -335,18 +337,12 @@ def _train(ctx: DistContext, config: TrainConfig, run_dir: Path, resume: bool, p
     tasks = get_experiment(config.experiment).make_tasks(config)
     if resume:
         start = _restore(config, run_dir, learner)
-    elif ctx.is_main and (run_dir / CHECKPOINT).exists():
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     else:
+        if ctx.is_main:
+            check_new_run(run_dir)
         start = 0
     broadcast_prior(learner)
-    metrics_path = run_dir / "metrics.jsonl"
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        if resume and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= start]
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    metrics_path = open_run_dir(config, run_dir, resume, start) if ctx.is_main else run_dir / "metrics.jsonl"
     end = config.iterations if stop_after is None else min(config.iterations, start + stop_after)
     mine = task_slice(config.meta_batch, ctx.rank, ctx.world_size)
     began = time.perf_counter()

@@ -13,7 +13,17 @@ import torch  # noqa: E402
 from hbmeta.tasks import SinusoidBatch  # noqa: E402
 from inference.learner import MetaLearner  # noqa: E402
 
-__all__ = ["plot_sinusoid_predictive"]
+__all__ = ["plot_sinusoid_predictive", "save_figure"]
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out ``fig``, write it to ``path`` (creating the folder) as a PNG and close it; the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def plot_sinusoid_predictive(learners: dict[str, MetaLearner], batch: SinusoidBatch, path: str | Path,
@@ -40,9 +50,4 @@ def plot_sinusoid_predictive(learners: dict[str, MetaLearner], batch: SinusoidBa
     ax.set_ylabel("y")
     ax.set_title("Posterior predictive on a new sinusoid task")
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

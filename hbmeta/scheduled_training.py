@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from hbmeta.checkpoint import trim_log
 from hbmeta.config import TrainConfig
 from hbmeta.experiments import get_experiment
 from hbmeta.noisy import clean_tasks
@@ -43,10 +44,9 @@ class SchedulerLog:
 
     def __init__(self, run_dir: Path, start: int, resume: bool):
         self.path = Path(run_dir) / SCHEDULER_LOG
-        if resume and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= start]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        elif not resume:
+        if resume:
+            trim_log(self.path, start)
+        else:
             self.path.write_text("")
         self.file = self.path.open("a")
 
@@ -63,9 +63,8 @@ class SchedulerLog:
 def plot_scheduler_weights(log_path: str | Path, path: str | Path) -> Path | None:
     """Weight x pool size (1 = uniform) of every candidate against its noise level (or, without noise, its
     query loss), coloured by iteration; and the mean weight of the cleaner vs noisier half of each pool."""
-    import matplotlib
+    from hbmeta.plots import save_figure  # first: it selects the Agg backend before pyplot loads
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = [json.loads(ln) for ln in Path(log_path).read_text().splitlines() if ln]
@@ -103,9 +102,4 @@ def plot_scheduler_weights(log_path: str | Path, path: str | Path) -> Path | Non
     b.set_xlabel("iteration")
     b.set_ylabel(f"mean weight x pool size ({k}-iteration average)")
     b.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

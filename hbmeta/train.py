@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hbmeta.checkpoint import load_checkpoint, save_checkpoint
+from hbmeta.checkpoint import load_checkpoint, save_checkpoint, trim_log
 from hbmeta.config import TrainConfig, resolve_device, torch_threads
 from hbmeta.experiments import get_experiment
 from hbmeta.precision import amp_autocast
@@ -100,6 +100,22 @@ def _restore(config: TrainConfig, run_dir: Path, learner: MetaLearner, scheduler
     return int(state["iteration"])
 
 
+def check_new_run(run_dir: Path) -> None:
+    """A fresh run must not overwrite another: a folder holding a checkpoint needs ``--resume``."""
+    if (run_dir / CHECKPOINT).exists():
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def open_run_dir(config: TrainConfig, run_dir: Path, resume: bool, start: int) -> Path:
+    """Create the run folder, write ``config.json``, trim ``metrics.jsonl`` to ``start`` on resume; its path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume:
+        trim_log(metrics_path, start)
+    return metrics_path
+
+
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
           stop_after: int | None = None) -> TrainResult:
     """Meta-train per ``config`` into ``run_dir`` (see :func:`_train`), with ``config.threads`` CPU threads.
@@ -136,15 +152,9 @@ def _train(config: TrainConfig, run_dir: str | Path, resume: bool, progress: boo
     if resume:
         start = _restore(config, run_dir, learner, scheduler)
     else:
-        if (run_dir / CHECKPOINT).exists():
-            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        check_new_run(run_dir)
         start = 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= start]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    metrics_path = open_run_dir(config, run_dir, resume, start)
     end = config.iterations if stop_after is None else min(config.iterations, start + stop_after)
     began = time.perf_counter()
     bar = tqdm(range(start, end), initial=start, total=config.iterations, disable=not progress,

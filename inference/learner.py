@@ -36,7 +36,7 @@ from models.posterior import Posterior
 from models.prior_factory import make_prior
 from models.priors import DiagonalGaussianPrior, ParticlePrior, Prior
 
-__all__ = ["Algorithm", "ALGORITHMS", "MetaLearner", "Predictive", "get_algorithm", "default_inner"]
+__all__ = ["Algorithm", "ALGORITHMS", "MetaLearner", "Predictive", "get_algorithm", "default_inner", "step_prior"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,23 @@ def default_inner(algorithm: str) -> InnerConfig:
     if get_algorithm(algorithm).bayesian:
         return InnerConfig(steps=5, lr=0.3, optimizer="sgd", num_samples=2, clip_norm=5.0)
     return InnerConfig(steps=5, lr=0.01, optimizer="sgd")
+
+
+def step_prior(prior: Prior, optimizer: torch.optim.Optimizer, grads: dict[str, Tensor], context: str) -> float:
+    """Hand ``grads`` (descent direction of the meta-loss) to the meta-optimizer, project the prior; the grad norm.
+
+    A NaN / inf gradient raises a ``FloatingPointError`` that names the parameters and ``context``.
+    """
+    if not torch.isfinite(sum(g.sum() for g in grads.values())):
+        bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
+        raise FloatingPointError(f"meta-gradient of {bad} has NaN/inf {context}; lower the inner learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    params = dict(prior.named_parameters())
+    for name, g in grads.items():
+        params[name].grad = g.detach()
+    optimizer.step()
+    prior.project()
+    return float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
 
 
 class Predictive(NamedTuple):
@@ -201,18 +218,10 @@ class MetaLearner:
         The second half of :meth:`meta_step`, apart so that a gradient computed elsewhere (e.g. summed over
         the ranks of a distributed run, :mod:`hbmeta.distributed`) takes exactly the same update.
         """
-        self.optimizer.zero_grad(set_to_none=True)
-        params = dict(self.prior.named_parameters())
-        if not torch.isfinite(sum(g.sum() for g in grads.values())):
-            bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
-            raise FloatingPointError(f"meta-gradient of {bad} has NaN/inf at iteration {self.iteration} "
-                                     f"({self.algorithm}); lower the inner learning rate (now {self.inner.lr})")
-        for name, g in grads.items():
-            params[name].grad = g.detach()
-        self.optimizer.step()
-        self.prior.project()
+        norm = step_prior(self.prior, self.optimizer, grads,
+                          f"at iteration {self.iteration} ({self.algorithm}, inner lr {self.inner.lr})")
         self.iteration += 1
-        return {"grad_norm": float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))}
+        return {"grad_norm": norm}
 
     # ------------------------------------------------------------------------------------------ meta-test
     @property

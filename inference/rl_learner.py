@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from inference.gem import gem_gradient
 from inference.inner import make_optimizer
-from inference.learner import get_algorithm
+from inference.learner import get_algorithm, step_prior
 from inference.policy_data import PolicyData
 from inference.policy_gradient import (
     PolicyGradientLikelihood,
@@ -163,16 +163,8 @@ class PolicyMetaLearner:
         return {n: -(g2[n] - g1[n]).mean(0) for n in g2}
 
     def _apply(self, grads: dict[str, Tensor], info: dict[str, float]) -> None:
-        if not all(torch.isfinite(g).all() for g in grads.values()):
-            raise FloatingPointError(f"meta-gradient has NaN/inf at iteration {self.iteration} ({self.algorithm}); "
-                                     f"lower the inner learning rate (now {self.inner_lr})")
-        self.optimizer.zero_grad(set_to_none=True)
-        params = dict(self.prior.named_parameters())
-        for name, g in grads.items():
-            params[name].grad = g.detach()
-        self.optimizer.step()
-        self.prior.project()
-        info["grad_norm"] = float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
+        info["grad_norm"] = step_prior(self.prior, self.optimizer, grads,
+                                       f"at iteration {self.iteration} ({self.algorithm}, inner lr {self.inner_lr})")
 
     # --------------------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:

@@ -36,9 +36,8 @@ def returns_table(runs: dict[str, dict]) -> str:
 
 
 def plot_returns(runs: dict[str, dict], path: str | Path, title: str = "") -> Path:
-    import matplotlib
+    from hbmeta.plots import save_figure  # first: it selects the Agg backend before pyplot loads
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -51,19 +50,13 @@ def plot_returns(runs: dict[str, dict], path: str | Path, title: str = "") -> Pa
     ax.set_xticks(sorted({k for r in runs.values() for k in r["evaluation"]}))
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_training(runs: dict[str, dict], path: str | Path, title: str = "") -> Path:
     """Meta-training curves: mean return of the train rollouts before and after the inner update, per iteration."""
-    import matplotlib
+    from hbmeta.plots import save_figure  # first: it selects the Agg backend before pyplot loads
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -75,12 +68,7 @@ def plot_training(runs: dict[str, dict], path: str | Path, title: str = "") -> P
     ax.set_ylabel("return of training rollouts")
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

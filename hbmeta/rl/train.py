@@ -23,7 +23,9 @@ from hbmeta.train import (
     TrainResult,
     _checkpoint,
     _restore,
+    check_new_run,
     iteration_generators,
+    open_run_dir,
 )
 from inference.rl_learner import PolicyMetaLearner, SampleFn
 from models.policy import GaussianMLPPolicy
@@ -82,15 +84,9 @@ def _train_rl(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
     if resume:
         start = _restore(config, run_dir, learner)
     else:
-        if (run_dir / CHECKPOINT).exists():
-            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        check_new_run(run_dir)
         start = 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume and metrics_path.exists():
-        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= start]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    metrics_path = open_run_dir(config, run_dir, resume, start)
     end = config.iterations if stop_after is None else min(config.iterations, start + stop_after)
     began = time.perf_counter()
     bar = tqdm(range(start, end), initial=start, total=config.iterations, disable=not progress,
