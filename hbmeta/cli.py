@@ -49,18 +49,23 @@ def _add_train(sub) -> None:
     p.add_argument("--test-steps", type=int, default=None, help="adaptation steps at meta-test (default: the experiment's)")
     p.add_argument("--meta-lr", type=float, default=d.meta_lr)
     p.add_argument("--prior-scale", type=float, default=None,
-                   help="initial prior sd (BMAML: particle spread); default 0.02, BMAML 0.1")
+                   help="initial prior sd (BMAML: particle spread); default 0.2 with Gauss-Newton VI, 0.02 with SVI, BMAML 0.1")
     p.add_argument("--imaml-lambda", type=float, default=None, help="iMAML's proximal regularisation")
     p.add_argument("--cg-steps", type=int, default=None, help="iMAML's conjugate-gradient steps")
-    p.add_argument("--max-prior-scale", type=float, default=d.max_prior_scale,
-                   help="ceiling on the learned prior sd (guards GEM's scale update against inner-loop noise); 0 = none")
-    p.add_argument("--noise-scale", type=float, default=d.noise_scale, help="Gaussian likelihood's noise sd")
+    p.add_argument("--max-prior-scale", type=float, default=None,
+                   help="ceiling on the learned prior sd (guards SVI's GEM scale update against inner-loop noise); "
+                        "0 = none; default none with Gauss-Newton VI, 0.1 with SVI")
+    p.add_argument("--noise-scale", type=float, default=None,
+                   help="Gaussian likelihood's noise sd; default 0.25 with Gauss-Newton VI, 0.5 with SVI")
+    p.add_argument("--inner-method", default=None, choices=["gauss-newton", "svi"],
+                   help="Bayesian inner update; default gauss-newton for gem-bml(+) with the diagonal prior")
     p.add_argument("--guide", default=d.guide, help="meanfield, delta, fullcov or lowrank")
     p.add_argument("--prior", default=d.prior, choices=["diagonal", "lowrank", "mixture", "laplace", "studentt"],
                    help="prior over the weights (docs/priors-and-guides.md)")
     p.add_argument("--prior-components", type=int, default=d.prior_components,
                    help="mixture components K, or the rank of the low-rank prior")
-    p.add_argument("--gem-plus-mode", default=d.gem_plus_mode, choices=["sequential", "joint"])
+    p.add_argument("--gem-plus-mode", default=None, choices=["sequential", "joint", "restart"],
+                   help="how GEM-BML+ fits q2; default restart with Gauss-Newton VI, sequential with SVI")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from inference.inner import InnerConfig
-from inference.learner import default_inner, get_algorithm
+from inference.learner import GAUSS_NEWTON_GUIDES, default_inner, get_algorithm, prior_defaults
 
 __all__ = ["TrainConfig", "resolve_device", "torch_threads"]
 
@@ -52,6 +52,7 @@ class TrainConfig:
     ways: int = 5
     data_root: str | None = None
     split: str = "paper"
+    inner_method: str | None = None  # "gauss-newton" or "svi" (inference.inner.INNER_METHODS); None: the algorithm's
     inner_steps: int | None = None
     inner_lr: float | None = None
     inner_optimizer: str | None = None
@@ -62,13 +63,13 @@ class TrainConfig:
     cg_steps: int | None = None
     test_steps: int | None = None
     meta_lr: float = 1e-3
-    prior_scale: float | None = None
-    max_prior_scale: float | None = 0.1
-    noise_scale: float = 0.5
+    prior_scale: float | None = None  # None: inference.learner.prior_defaults of the inner update
+    max_prior_scale: float | None = None  # None: the inner update's default; 0: no ceiling
+    noise_scale: float | None = None  # regression likelihood noise; None: the inner update's default
     guide: str = "meanfield"
     prior: str = "diagonal"
     prior_components: int = 2
-    gem_plus_mode: str = "sequential"
+    gem_plus_mode: str | None = None  # None: the inner update's default (inference.gem.GEM_PLUS_MODES)
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 100
@@ -97,17 +98,26 @@ class TrainConfig:
         if self.prior not in PRIORS or self.prior_components < 1:
             raise ValueError(f"bad prior {self.prior!r} with {self.prior_components} components; choose one of "
                              f"{', '.join(PRIORS)} and components >= 1")
-        if self.max_prior_scale is not None and self.max_prior_scale <= 0:
-            self.max_prior_scale = None  # 0 on the command line: no ceiling
-        if self.prior_scale is None:  # BMAML's particles need a wider initial spread (README, "Defaults")
-            self.prior_scale = 0.1 if self.algorithm == "bmaml" else 0.02
+        experiment = get_experiment(self.experiment)
         # fields left as None take the experiment's defaults (the paper's tables), then the algorithm's
-        for key, value in get_experiment(self.experiment).defaults(self).items():
+        for key, value in experiment.defaults(self).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        gauss_newton = (self.prior == "diagonal" and self.guide in GAUSS_NEWTON_GUIDES
+                        and experiment.metric != "return")  # RL: policy-gradient VI
+        default = default_inner(self.algorithm, gauss_newton=gauss_newton)
+        if self.inner_method is None:
+            self.inner_method = default.method
+        if self.inner_method != default.method:
+            default = default_inner(self.algorithm, gauss_newton=self.inner_method == "gauss-newton")
+        family = prior_defaults(self.algorithm, self.inner_method)
+        for key in ("prior_scale", "noise_scale", "gem_plus_mode"):
+            if getattr(self, key) is None:
+                setattr(self, key, getattr(family, key))
+        if self.max_prior_scale is None:
+            self.max_prior_scale = family.max_prior_scale or 0.0  # 0: no ceiling (build_learner passes None)
         if self.test_steps is None:
             self.test_steps = 10  # the paper's meta-test budget (appendix C.4)
-        default = default_inner(self.algorithm)
         for key, attr in (("inner_steps", "steps"), ("inner_lr", "lr"), ("inner_optimizer", "optimizer"),
                           ("num_samples", "num_samples"), ("clip_norm", "clip_norm"),
                           ("imaml_lambda", "imaml_lambda"), ("cg_steps", "cg_steps")):
@@ -138,8 +148,13 @@ class TrainConfig:
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"temperature must be positive; got {self.temperature}")
 
+    @property
+    def prior_scale_ceiling(self) -> float | None:
+        """``max_prior_scale`` as the prior takes it (``None``: no ceiling)."""
+        return self.max_prior_scale if self.max_prior_scale and self.max_prior_scale > 0 else None
+
     def inner(self) -> InnerConfig:
-        return InnerConfig(steps=self.inner_steps, lr=self.inner_lr, optimizer=self.inner_optimizer,
+        return InnerConfig(method=self.inner_method, steps=self.inner_steps, lr=self.inner_lr, optimizer=self.inner_optimizer,
                            num_samples=self.num_samples, clip_norm=self.clip_norm, scale_lr=self.inner_scale_lr,
                            imaml_lambda=self.imaml_lambda, cg_steps=self.cg_steps)
 
@@ -152,4 +167,7 @@ class TrainConfig:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
+        if "inner_method" not in data:  # written before the Gauss-Newton update: every field had its SVI meaning
+            data = {**data, "inner_method": "svi",
+                    "max_prior_scale": 0.0 if data.get("max_prior_scale") is None else data["max_prior_scale"]}
         return cls(**data)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
-from inference.learner import get_algorithm
+from inference.learner import get_algorithm, prior_defaults
 from models.likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood
 
 if TYPE_CHECKING:
@@ -108,8 +108,9 @@ def classification_defaults(dataset: str) -> Callable[["TrainConfig"], dict[str,
         elif spec.name == "abml":
             out.update(inner_optimizer="sgd", num_samples=2)  # ABML unrolls plain SGD on the whitened guide
         elif spec.bayesian:
-            out.update(inner_optimizer="adam", inner_lr=weight_lr / config.prior_scale, inner_scale_lr=weight_lr,
-                       num_samples=2)
+            prior_scale = config.prior_scale if config.prior_scale is not None else prior_defaults(spec.name, "svi").prior_scale
+            out.update(inner_method="svi", inner_optimizer="adam", inner_lr=weight_lr / prior_scale,
+                       inner_scale_lr=weight_lr, num_samples=2)
             if dataset == "omniglot":  # one whitened-Adam step also for 5-shot (C.4.2 says 5): with 5 steps the
                 out["inner_steps"] = 1  # means swing past the prior and 5-shot meta-training fails (README, "Omniglot")
             # meta-test with the inner update the prior was learned for: with a tight prior on 112k weights

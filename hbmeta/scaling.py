@@ -72,7 +72,7 @@ def _learner(algorithm: str, steps: int, config: ScalingBenchConfig) -> MetaLear
         torch.manual_seed(config.seed)
         net = Conv4(in_channels=3, num_classes=config.ways, filters=32, strided=False, image_size=config.image_size)
     return MetaLearner(net.to(config.device), CategoricalLikelihood(), algorithm=algorithm, guide=c.guide,
-                       inner=c.inner(), meta_lr=c.meta_lr, prior_scale=c.prior_scale, max_prior_scale=c.max_prior_scale)
+                       inner=c.inner(), meta_lr=c.meta_lr, prior_scale=c.prior_scale, max_prior_scale=c.prior_scale_ceiling)
 
 
 def run_scaling_benchmark(config: ScalingBenchConfig | None = None, progress: bool = False) -> dict:

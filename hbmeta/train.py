@@ -49,11 +49,11 @@ def build_learner(config: TrainConfig, device: torch.device | None = None) -> Me
     net.to(device)
     prior = None  # "diagonal": MetaLearner's default prior (and BMAML's particles)
     if config.prior != "diagonal":
-        prior = make_prior(config.prior, net, config.prior_scale, config.prior_components, config.max_prior_scale,
+        prior = make_prior(config.prior, net, config.prior_scale, config.prior_components, config.prior_scale_ceiling,
                            seed=config.seed)
     return MetaLearner(net, experiment.make_likelihood(config), algorithm=config.algorithm, guide=config.guide,
                        inner=config.inner(), meta_lr=config.meta_lr, gem_plus_mode=config.gem_plus_mode,
-                       prior_scale=config.prior_scale, max_prior_scale=config.max_prior_scale, prior=prior)
+                       prior_scale=config.prior_scale, max_prior_scale=config.prior_scale_ceiling, prior=prior)
 
 
 def iteration_generators(seed: int, iteration: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:

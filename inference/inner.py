@@ -33,18 +33,20 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor
 
+from inference.errors import InnerLoopDivergedError
+from inference.gauss_newton import gauss_newton_fit
 from models.guides import Guide
 from models.hierarchical import HierarchicalModel
 from models.posterior import Posterior
 
-__all__ = ["InnerConfig", "InnerLoopDivergedError", "fit_posterior", "negative_elbo", "make_optimizer", "NoiseFn"]
+__all__ = ["InnerConfig", "InnerLoopDivergedError", "INNER_METHODS", "fit_posterior", "negative_elbo", "make_optimizer",
+           "NoiseFn"]
+
+#: inner-update methods (:class:`InnerConfig` ``method``)
+INNER_METHODS = ("gauss-newton", "svi")
 
 #: ``noise(step, shape) -> standard-normal tensor``: where the guide's reparameterisation noise comes from
 NoiseFn = Callable[[int, torch.Size], Tensor]
-
-
-class InnerLoopDivergedError(RuntimeError):
-    """The inner update produced a NaN / inf ELBO; the message names the task(s) and the step."""
 
 
 @dataclass
@@ -52,6 +54,12 @@ class InnerConfig:
     """Settings of the inner update.
 
     Attributes:
+        method: ``"gauss-newton"`` (:mod:`inference.gauss_newton`: exact Gauss-Newton solve of the mean,
+            mean-field variances at their fixed point, backtracking line search; deterministic, no step size;
+            needs a diagonal Gaussian prior inside the ELBO and a likelihood with
+            :meth:`~models.likelihoods.Likelihood.curvature`) or ``"svi"`` (reparameterised stochastic
+            gradients of the ELBO with a torch optimizer: every prior, guide and likelihood). ``lr``,
+            ``optimizer``, ``num_samples``, ``scale_lr`` and ``clip_norm`` are SVI's settings.
         steps: optimisation steps of VI (and of the baselines' inner SGD).
         lr: inner learning rate.
         optimizer: ``"adam"``, ``"sgd"`` or the name of any ``torch.optim`` class.
@@ -67,6 +75,7 @@ class InnerConfig:
         imaml_lambda: iMAML's proximal regularisation ``lambda`` of the inner problem (Rajeswaran et al. 2019).
             10 suits the sinusoid with 20 SGD steps at 0.005 (``lambda ~ 1 / (K lr)``); their Omniglot runs use 2.0.
         cg_steps: iMAML's conjugate-gradient iterations for the implicit meta-gradient (their default 5).
+        line_search: Gauss-Newton's backtracking candidates ``1, 1/2, ..., 2^-line_search``.
     """
 
     steps: int = 5
@@ -80,8 +89,14 @@ class InnerConfig:
     clip_norm: float | None = None
     imaml_lambda: float = 10.0
     cg_steps: int = 5
+    method: str = "svi"
+    line_search: int = 4
 
     def __post_init__(self) -> None:
+        if self.method not in INNER_METHODS:
+            raise ValueError(f"unknown inner method {self.method!r}; choose one of {', '.join(INNER_METHODS)}")
+        if self.line_search < 0:
+            raise ValueError(f"line_search={self.line_search} must be >= 0 (the number of step halvings)")
         if self.elbo not in ("auto", "pyro"):
             raise ValueError(f"unknown elbo {self.elbo!r}; choose 'auto' or 'pyro'")
         if self.steps < 0 or self.num_samples < 1 or not self.lr > 0:
@@ -208,6 +223,23 @@ def _clip_per_task(params: list[Tensor], max_norm: float) -> None:
         p.grad.mul_(factor.view(-1, *[1] * (p.grad.dim() - 1)))
 
 
+_GAUSS_NEWTON_KINDS = {"meanfield": "meanfield", "delta": "delta", "fullcov": "full"}
+
+
+def _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace) -> Posterior:
+    """:func:`inference.gauss_newton.gauss_newton_fit` for a diagonal Gaussian prior and a supported guide."""
+    moments = _diagonal_normal(prior)
+    if moments is None:
+        raise ValueError(f"the Gauss-Newton inner update needs a diagonal Gaussian prior inside the ELBO; got "
+                         f"{type(prior).__name__}: use InnerConfig(method='svi') for this prior")
+    if guide.name not in _GAUSS_NEWTON_KINDS:
+        raise ValueError(f"the Gauss-Newton inner update fits a meanfield, delta or fullcov guide; got {guide.name!r}: "
+                         f"use InnerConfig(method='svi') for it")
+    loc, scale = moments
+    return gauss_newton_fit(model, x, y, start, loc, scale.pow(2), steps, _GAUSS_NEWTON_KINDS[guide.name],
+                            config.line_search, callback, laplace)
+
+
 def fit_posterior(
     model: HierarchicalModel,
     guide: Guide,
@@ -220,8 +252,11 @@ def fit_posterior(
     generator: torch.Generator | None = None,
     noise: NoiseFn | None = None,
     callback: Callable[[int, Posterior], None] | None = None,
+    laplace: bool = False,
 ) -> Posterior:
-    """Run the inner SVI for every task of a meta-batch at once and return the detached posteriors.
+    """Run the inner update for every task of a meta-batch at once and return the detached posteriors.
+
+    ``config.method`` chooses SVI (below) or Gauss-Newton VI (:func:`inference.gauss_newton.gauss_newton_fit`).
 
     Args:
         model: the hierarchical model.
@@ -234,6 +269,7 @@ def fit_posterior(
         generator: source of the reparameterisation noise (explicit seeds; ``None`` = torch's global RNG).
         noise: a ``NoiseFn`` to use instead of ``generator`` (tests feed identical noise to two runs).
         callback: called as ``callback(step, posterior)`` before the first step and after every step.
+        laplace: Gauss-Newton only: also attach the linearised model's full posterior, for the predictive.
 
     Raises:
         InnerLoopDivergedError: when the ELBO becomes NaN / inf, naming the task(s) and the step.
@@ -243,6 +279,8 @@ def fit_posterior(
     if prior is None:
         with torch.no_grad():
             prior = model.prior.distribution(x.shape[0])
+    if config.method == "gauss-newton":
+        return _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace)
     params = guide.init_params(start, _whitening_reference(prior, start))
     scale_lr = config.lr if config.scale_lr is None else config.scale_lr
     trainable = [p for p in params.values() if p.requires_grad]

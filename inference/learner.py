@@ -23,12 +23,13 @@ from torch import Tensor, nn
 from inference.batch import TaskBatch, check_task_data
 from inference.bmaml import bmaml_adapt, bmaml_gradient
 from inference.elbo_gradient import abml_gradient
-from inference.gem import gem_bml_gradient, gem_plus_gradient
+from inference.gem import GEM_PLUS_MODES, gem_bml_gradient, gem_plus_gradient
 from inference.imaml import imaml_adapt, imaml_gradient
 from inference.inner import InnerConfig, fit_posterior, make_optimizer
 from inference.maml import fomaml_gradient, maml_gradient, sgd_adapt
 from inference.reptile import optimizer_adapt, pretrain_gradient, reptile_gradient
 from models.functional import BatchedNet
+from models.jacobian import output_jacobian
 from models.guides import Guide, make_guide
 from models.hierarchical import HierarchicalModel
 from models.likelihoods import GaussianLikelihood, Likelihood
@@ -36,7 +37,8 @@ from models.posterior import Posterior
 from models.prior_factory import make_prior
 from models.priors import DiagonalGaussianPrior, ParticlePrior, Prior
 
-__all__ = ["Algorithm", "ALGORITHMS", "MetaLearner", "Predictive", "get_algorithm", "default_inner", "step_prior"]
+__all__ = ["Algorithm", "ALGORITHMS", "MetaLearner", "Predictive", "get_algorithm", "default_inner", "step_prior",
+           "PriorDefaults", "prior_defaults", "GAUSS_NEWTON_DEFAULT", "GAUSS_NEWTON_GUIDES"]
 
 
 @dataclass(frozen=True)
@@ -72,18 +74,28 @@ def get_algorithm(name: str) -> Algorithm:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}") from None
 
 
-def default_inner(algorithm: str) -> InnerConfig:
-    """Inner-update defaults per family, measured on sinusoid (README, "Defaults").
+#: algorithms whose inner update defaults to Gauss-Newton VI (with a diagonal Gaussian prior and one of
+#: the guides it fits)
+GAUSS_NEWTON_DEFAULT = ("gem-bml", "gem-bml+")
+GAUSS_NEWTON_GUIDES = ("meanfield", "delta", "fullcov")
 
-    Bayesian algorithms: plain SGD on the whitened mean-field guide (``z``, ``rho`` at one rate), 2 Monte-Carlo
-    samples, per-task clipping at norm 5. Point-estimate baselines: SGD at MAML's 0.01 on the mean loss.
-    iMAML: 20 SGD steps at 0.005 on the proximal problem with lambda = 10 (about 1 / (K lr): the K steps then
-    nearly solve it, which the implicit gradient assumes), 5 CG steps, per-task clipping at norm 50 as a guard
-    (its meta-gradient cannot see the inner loop diverge, as MAML's can); memory does not grow with K.
+
+def default_inner(algorithm: str, gauss_newton: bool = True) -> InnerConfig:
+    """Inner-update defaults per family, measured on sinusoid validation tasks (README, "Defaults").
+
+    GEM-BML / GEM-BML+: 2 steps of Gauss-Newton mean-field VI (:mod:`inference.gauss_newton`; no step size, no
+    Monte-Carlo noise). With ``gauss_newton=False`` (other priors, likelihoods without a curvature) and for
+    ABML, which unrolls SVI: plain SGD on the whitened mean-field guide (``z``, ``rho`` at one rate), 2
+    Monte-Carlo samples, per-task clipping at norm 5. Point-estimate baselines: SGD at MAML's 0.01 on the mean
+    loss. iMAML: 20 SGD steps at 0.005 on the proximal problem with lambda = 10 (about 1 / (K lr): the K steps
+    then nearly solve it, which the implicit gradient assumes), 5 CG steps, per-task clipping at norm 50 as a
+    guard (its meta-gradient cannot see the inner loop diverge, as MAML's can); memory does not grow with K.
     BMAML: 5 particles (``num_samples``), 5 plain SVGD steps of 1e-3 on the summed log-likelihood (whose
     gradient is ~N / noise^2 times the MSE's, hence the small step).
     """
     name = get_algorithm(algorithm).name
+    if name in GAUSS_NEWTON_DEFAULT and gauss_newton:
+        return InnerConfig(method="gauss-newton", steps=2)
     if name == "imaml":
         return InnerConfig(steps=20, lr=0.005, optimizer="sgd", clip_norm=50.0, imaml_lambda=10.0, cg_steps=5)
     if name == "bmaml":
@@ -91,6 +103,31 @@ def default_inner(algorithm: str) -> InnerConfig:
     if get_algorithm(algorithm).bayesian:
         return InnerConfig(steps=5, lr=0.3, optimizer="sgd", num_samples=2, clip_norm=5.0)
     return InnerConfig(steps=5, lr=0.01, optimizer="sgd")
+
+
+@dataclass(frozen=True)
+class PriorDefaults:
+    """Defaults that go with an algorithm's inner update (README, "Defaults").
+
+    Gauss-Newton VI moves each task's posterior as far as its data ask, so the prior can start wide (0.2) and
+    needs no ceiling; the likelihood noise 0.25 (regression) was the better of 0.1 / 0.25 / 0.5 on sinusoid
+    validation tasks. SVI's whitened step moves a weight by ``lr sigma^2 grad``: it starts tight (0.02), with a
+    ceiling of 0.1 against the Monte-Carlo feedback loop of dead units, at noise 0.5. BMAML's particles start at
+    a 0.1 spread.
+    """
+
+    prior_scale: float
+    max_prior_scale: float | None
+    noise_scale: float
+    gem_plus_mode: str
+
+
+def prior_defaults(algorithm: str, inner_method: str) -> PriorDefaults:
+    """The :class:`PriorDefaults` of ``algorithm`` with inner update ``inner_method``."""
+    name = get_algorithm(algorithm).name
+    if inner_method == "gauss-newton":
+        return PriorDefaults(0.2, None, 0.25, "restart")
+    return PriorDefaults(0.1 if name == "bmaml" else 0.02, 0.1, 0.5, "sequential")
 
 
 def step_prior(prior: Prior, optimizer: torch.optim.Optimizer, grads: dict[str, Tensor], context: str) -> float:
@@ -131,13 +168,17 @@ class MetaLearner:
             ``prior_scale``.
         guide: a :class:`Guide` or its name (``meanfield``, ``delta``, ``fullcov``, ``lowrank``).
         inner: the inner update's settings (also used at meta-test unless overridden); ``None`` takes
-            :func:`default_inner` of the algorithm.
+            :func:`default_inner` of the algorithm (Gauss-Newton VI for GEM-BML(+) with a diagonal Gaussian prior
+            and a likelihood that has a curvature, else SVI).
         meta_lr, meta_optimizer: the meta-update's torch optimizer.
-        gem_plus_mode: ``"sequential"`` (the paper's VI(lambda_tr, D_val)) or ``"joint"``.
+        gem_plus_mode: how GEM-BML+ fits q2 (:data:`inference.gem.GEM_PLUS_MODES`): ``"sequential"`` (the paper's
+            VI(lambda_tr, D_val)), ``"joint"`` or ``"restart"``; ``None``: :func:`prior_defaults` of the inner update
+            (``restart`` for Gauss-Newton, ``sequential`` for SVI).
         closed_form: GEM from the prior's closed form (``True``) or its Monte-Carlo form.
-        prior_scale: initial prior standard deviation when ``prior`` is not given (BMAML: the initial particles'
-            spread around the network's weights; 0.1 suits it on sinusoid, the default 0.02 is GEM's).
-        max_prior_scale: ceiling on the learned prior standard deviation when ``prior`` is not given.
+        prior_scale: initial prior standard deviation when ``prior`` is not given; ``None``:
+            :func:`prior_defaults` (0.2 with Gauss-Newton VI, 0.02 with SVI, BMAML's particles 0.1).
+        max_prior_scale: ceiling on the learned prior standard deviation when ``prior`` is not given; ``"auto"``:
+            :func:`prior_defaults` (none with Gauss-Newton VI, 0.1 with SVI); ``None``: no ceiling.
     """
 
     net: nn.Module | BatchedNet
@@ -148,22 +189,30 @@ class MetaLearner:
     inner: InnerConfig | None = None
     meta_lr: float = 1e-3
     meta_optimizer: str = "adam"
-    gem_plus_mode: str = "sequential"
+    gem_plus_mode: str | None = None
     closed_form: bool = True
     prior_scale: float | None = None
-    max_prior_scale: float | None = 0.1
+    max_prior_scale: float | None | str = "auto"
     iteration: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.spec = get_algorithm(self.algorithm)
         self.algorithm = self.spec.name
         if self.inner is None:
-            self.inner = default_inner(self.algorithm)
-        if self.gem_plus_mode not in ("sequential", "joint"):
-            raise ValueError(f"unknown gem_plus_mode {self.gem_plus_mode!r}; choose 'sequential' or 'joint'")
+            diagonal = self.prior is None or self.prior == "diagonal" or isinstance(self.prior, DiagonalGaussianPrior)
+            guide = self.guide if isinstance(self.guide, str) else self.guide.name
+            self.inner = default_inner(self.algorithm, gauss_newton=diagonal and self.likelihood.has_curvature
+                                       and guide in GAUSS_NEWTON_GUIDES)
+        defaults = prior_defaults(self.algorithm, self.inner.method)
+        if self.gem_plus_mode is None:
+            self.gem_plus_mode = defaults.gem_plus_mode
+        if self.gem_plus_mode not in GEM_PLUS_MODES:
+            raise ValueError(f"unknown gem_plus_mode {self.gem_plus_mode!r}; choose one of {', '.join(GEM_PLUS_MODES)}")
         batched = self.net if isinstance(self.net, BatchedNet) else BatchedNet(self.net)
-        if self.prior_scale is None:  # BMAML's particles need a wider spread to learn (README, "Defaults")
-            self.prior_scale = 0.1 if self.algorithm == "bmaml" else 0.02
+        if self.prior_scale is None:
+            self.prior_scale = defaults.prior_scale
+        if self.max_prior_scale == "auto":
+            self.max_prior_scale = defaults.max_prior_scale
         if isinstance(self.prior, str):  # one-line swap: MetaLearner(net, prior="laplace")
             self.prior = make_prior(self.prior, batched, self.prior_scale, max_scale=self.max_prior_scale)
         if self.algorithm == "bmaml" and self.prior is None:  # M = inner.num_samples particles around the net
@@ -246,9 +295,9 @@ class MetaLearner:
             return imaml_adapt(self.model, x, y, cfg, steps, callback)
         if self.algorithm == "bmaml":
             return bmaml_adapt(self.model, x, y, cfg, steps, callback)
-        if self.spec.bayesian:
+        if self.spec.bayesian:  # Gauss-Newton VI also keeps the linearised posterior for the predictive
             return fit_posterior(self.model, self.guide, x, y, self.model.initial_posterior(x, y), config=cfg,
-                                 steps=steps, generator=generator, callback=callback)
+                                 steps=steps, generator=generator, callback=callback, laplace=True)
         theta0 = self.prior.loc.detach().expand(num_tasks, -1)
         cb = None if callback is None else (lambda k, th: callback(k, Posterior(th)))
         if cfg.optimizer.lower() != "sgd":  # adapt with the optimizer the algorithm meta-trained with (Reptile: Adam)
@@ -258,17 +307,43 @@ class MetaLearner:
     @torch.no_grad()
     def predict(self, posterior: Posterior, x: Tensor, num_samples: int = 100,
                 generator: torch.Generator | None = None) -> Predictive:
-        """Posterior predictive ``f(x; theta), theta ~ q``: Monte-Carlo mean and spread. ``x [T, N, ...]``.
+        r"""Posterior predictive of ``f(x; theta)`` at query inputs ``x [T, N, ...]``: mean, spread and samples.
 
-        A point mass is evaluated once and a particle posterior at each of its particles (``num_samples`` unused).
+        - A posterior from the Gauss-Newton inner update carries the linearised model's full Gaussian posterior
+          (:attr:`models.posterior.Posterior.has_laplace`): the predictive is that model's, the *linearised* (GLM)
+          predictive :math:`f(x; m) + J (\theta - m)`, Gaussian per point with mean ``f(x; m)`` and covariance
+          ``J Sigma J^T`` (Immer et al. 2021): the inner update is exact inference for the linearised model, so this
+          is the predictive that matches it. Mean-field samples of theta would drop the posterior's correlations
+          and spread the predictive like the prior's. ``samples`` are draws of ``f`` per point.
+        - Otherwise the Monte-Carlo predictive: ``f(x; theta_s)``, ``theta_s ~ q``. A point mass is evaluated once
+          and a particle posterior at each of its particles (``num_samples`` unused).
         """
         x = x.to(self.device)
+        if posterior.has_laplace:
+            return self._linearised_predictive(posterior, x, num_samples, generator)
         if posterior.kind == "particles":
             n = posterior.particles.shape[0]
         else:
             n = 1 if posterior.kind == "delta" else num_samples
         samples = self.model.net(posterior.sample(n, generator), x)
         return Predictive(samples.mean(0), samples.std(0, unbiased=False), samples)
+
+    def _linearised_predictive(self, posterior: Posterior, x: Tensor, num_samples: int,
+                               generator: torch.Generator | None, chunk: int = 8) -> Predictive:
+        """The GLM predictive, ``chunk`` tasks at a time (the query Jacobian is ``[chunk, N, O, P]``)."""
+        means, stds, draws = [], [], []
+        for start in range(0, x.shape[0], chunk):
+            part = slice(start, start + chunk)
+            f, jac = output_jacobian(self.model.net, posterior.loc[part], x[part])
+            cov = posterior.select(part).function_covariance(jac)                    # [t, N, O, O]
+            eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+            chol = torch.linalg.cholesky(cov + 1e-9 * cov.diagonal(dim1=-2, dim2=-1).mean() * eye + 1e-12 * eye)
+            eps = torch.randn((num_samples, *cov.shape[:-1]), generator=generator, device=cov.device, dtype=cov.dtype)
+            draw = f.reshape(cov.shape[:-1]) + (chol @ eps.unsqueeze(-1)).squeeze(-1)
+            means.append(f)
+            stds.append(cov.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().reshape(f.shape))
+            draws.append(draw.reshape(num_samples, *f.shape))
+        return Predictive(torch.cat(means), torch.cat(stds), torch.cat(draws, 1))
 
     # ---------------------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:

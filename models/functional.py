@@ -74,6 +74,11 @@ class BatchedNet:
         self._fast_mlp = _is_plain_mlp(module)
         self._fast_batched = callable(getattr(module, "forward_batched", None))
 
+    @property
+    def is_plain_mlp(self) -> bool:
+        """Whether the module is an ``nn.Sequential`` of ``nn.Linear`` and element-wise activations (fast paths)."""
+        return self._fast_mlp
+
     def initial_vector(self) -> Tensor:
         """The module's current parameters as one flat vector ``[P]`` (detached)."""
         return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()])

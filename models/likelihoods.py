@@ -30,6 +30,20 @@ class Likelihood:
     def point_loss(self, pred: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def curvature(self, pred: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        r"""What the Gauss-Newton inner update needs of ``-log p(y | f)`` at ``f = pred [T, N, ...]``.
+
+        Returns its gradient in ``f``, ``[T, N, O]`` (output dims flattened), and a factor ``R [T, N, O, O]`` of
+        its Gauss-Newton Hessian per point, :math:`H = R R^\top \succeq 0`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no Gauss-Newton curvature; use the SVI inner update "
+                                  f"(InnerConfig(method='svi'))")
+
+    @property
+    def has_curvature(self) -> bool:
+        """Whether :meth:`curvature` is implemented (the Gauss-Newton inner update needs it)."""
+        return type(self).curvature is not Likelihood.curvature
+
     def check_targets(self, y: Tensor, x: Tensor) -> None:
         """Raise a clear error if targets ``y`` cannot belong to inputs ``x`` ([T, N, ...] each)."""
         if y.shape[:2] != x.shape[:2]:
@@ -61,6 +75,13 @@ class GaussianLikelihood(Likelihood):
     def point_loss(self, pred: Tensor, y: Tensor) -> Tensor:
         return (pred - y).pow(2).flatten(-2).mean(-1)
 
+    def curvature(self, pred: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(f - y) / s^2`` and ``R = I / s`` (the Hessian ``I / s^2`` is exact: the loss is quadratic in ``f``)."""
+        var = self.noise_scale ** 2
+        grad = ((pred - y) / var).flatten(2)
+        eye = torch.eye(grad.shape[-1], dtype=pred.dtype, device=pred.device) / self.noise_scale
+        return grad, eye.expand(*grad.shape, grad.shape[-1])
+
     def __repr__(self) -> str:
         return f"GaussianLikelihood(noise_scale={self.noise_scale})"
 
@@ -74,6 +95,14 @@ class CategoricalLikelihood(Likelihood):
     def point_loss(self, pred: Tensor, y: Tensor) -> Tensor:
         logp = F.log_softmax(pred, dim=-1)
         return -logp.gather(-1, y.expand(pred.shape[:-1]).unsqueeze(-1)).squeeze(-1).mean(-1)
+
+    def curvature(self, pred: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        r"""``p - onehot(y)`` and :math:`R = \mathrm{diag}(\sqrt p) - p \sqrt p^\top`, so that
+        :math:`R R^\top = \mathrm{diag}(p) - p p^\top`, the Hessian of the cross entropy in the logits."""
+        prob = torch.softmax(pred, dim=-1)
+        grad = prob - F.one_hot(y, pred.shape[-1]).to(prob.dtype)
+        root = prob.sqrt()
+        return grad, torch.diag_embed(root) - prob.unsqueeze(-1) * root.unsqueeze(-2)
 
     def check_targets(self, y: Tensor, x: Tensor) -> None:
         super().check_targets(y, x)

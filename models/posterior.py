@@ -28,6 +28,11 @@ class Posterior:
       - point mass (Delta / MAP): ``loc`` only;
       - particles (SVGD, BMAML): ``particles [M, T, P]``, an equally weighted empirical distribution, with
         ``loc`` their mean (build it with :meth:`from_particles`).
+
+    A mean-field posterior from the Gauss-Newton inner update may also carry the *linearised* model's full
+    Gaussian posterior ``N(loc, diag(laplace_scale^2) - laplace_factor laplace_factor^T)`` (``laplace_scale
+    [T, P]``, ``laplace_factor [T, P, R]``): the guide (``scale``) is what GEM and sampling use, the linearised
+    posterior is what the posterior predictive uses (:attr:`has_laplace`).
     """
 
     loc: Tensor
@@ -35,6 +40,8 @@ class Posterior:
     scale_tril: Tensor | None = None
     particles: Tensor | None = None
     cov_factor: Tensor | None = None
+    laplace_scale: Tensor | None = None
+    laplace_factor: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.loc.dim() != 2:
@@ -48,6 +55,12 @@ class Posterior:
         if self.cov_factor is not None and (self.scale is None or self.cov_factor.dim() != 3
                                             or self.cov_factor.shape[:2] != self.loc.shape):
             raise ValueError(f"cov_factor {tuple(self.cov_factor.shape)} needs scale and must be [T, P, r] for loc "
+                             f"{tuple(self.loc.shape)}")
+        if (self.laplace_scale is None) != (self.laplace_factor is None) or (
+                self.laplace_factor is not None and (self.laplace_scale.shape != self.loc.shape
+                                                     or self.laplace_factor.dim() != 3
+                                                     or self.laplace_factor.shape[:2] != self.loc.shape)):
+            raise ValueError("laplace_scale [T, P] and laplace_factor [T, P, R] go together and must match loc "
                              f"{tuple(self.loc.shape)}")
         if self.particles is not None:
             if self.scale is not None or self.scale_tril is not None:
@@ -71,6 +84,24 @@ class Posterior:
         if self.cov_factor is not None:
             return "lowrank"
         return "delta" if self.scale is None else "meanfield"
+
+    @property
+    def has_laplace(self) -> bool:
+        """Whether the linearised model's full posterior is attached (Gauss-Newton inner update, ``laplace=True``)."""
+        return self.laplace_factor is not None
+
+    def function_covariance(self, jac: Tensor) -> Tensor:
+        r"""Covariance of the linearised outputs ``J (theta - loc)`` per point, ``[T, M, O, O]``, for ``jac [T, M, O, P]``.
+
+        With the linearised posterior attached, :math:`J (\Sigma_0 - U U^\top) J^\top` (correlations kept);
+        otherwise ``J diag(variance) J^T``.
+        """
+        if self.has_laplace:
+            spread = jac * self.laplace_scale[:, None, None, :]
+            down = torch.einsum("tmop,tpr->tmor", jac, self.laplace_factor)
+            return spread @ spread.transpose(-1, -2) - down @ down.transpose(-1, -2)
+        spread = jac * self.variance.sqrt()[:, None, None, :]
+        return spread @ spread.transpose(-1, -2)
 
     @property
     def num_tasks(self) -> int:
@@ -136,10 +167,11 @@ class Posterior:
     def _map(self, fn, particle_fn=None) -> "Posterior":
         """Apply ``fn`` to every tensor (``particle_fn`` to ``particles``, whose task dimension is 1)."""
         particle_fn = fn if particle_fn is None else particle_fn
-        return Posterior(fn(self.loc), None if self.scale is None else fn(self.scale),
-                         None if self.scale_tril is None else fn(self.scale_tril),
-                         None if self.particles is None else particle_fn(self.particles),
-                         None if self.cov_factor is None else fn(self.cov_factor))
+        def opt(t):
+            return None if t is None else fn(t)
+        return Posterior(fn(self.loc), opt(self.scale), opt(self.scale_tril),
+                         None if self.particles is None else particle_fn(self.particles), opt(self.cov_factor),
+                         opt(self.laplace_scale), opt(self.laplace_factor))
 
     def detach(self) -> "Posterior":
         return self._map(lambda t: t.detach())
@@ -159,4 +191,5 @@ class Posterior:
         first = parts[0]
         def cat(attr, dim=0):
             return None if getattr(first, attr) is None else torch.cat([getattr(p, attr) for p in parts], dim)
-        return Posterior(cat("loc"), cat("scale"), cat("scale_tril"), cat("particles", 1), cat("cov_factor"))
+        return Posterior(cat("loc"), cat("scale"), cat("scale_tril"), cat("particles", 1), cat("cov_factor"),
+                         cat("laplace_scale"), cat("laplace_factor"))

@@ -92,8 +92,10 @@ def test_prior_scale_ceiling_holds_after_meta_steps():
     from hbmeta.tasks import SinusoidTasks
     from inference.learner import MetaLearner
 
+    from inference.learner import default_inner
+
     learner = MetaLearner(mlp(1, (8,), 1), GaussianLikelihood(0.5), algorithm="gem-bml+", meta_lr=0.5,
-                          prior_scale=0.02, max_prior_scale=0.021)
+                          prior_scale=0.02, max_prior_scale=0.021, inner=default_inner("gem-bml+", gauss_newton=False))
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         learner.meta_step(SinusoidTasks().sample(4, gen), gen)
@@ -104,5 +106,7 @@ def test_prior_scale_ceiling_holds_after_meta_steps():
 def test_zero_max_prior_scale_means_no_ceiling():
     from hbmeta.config import TrainConfig
 
-    assert TrainConfig(max_prior_scale=0).max_prior_scale is None
-    assert TrainConfig().max_prior_scale == 0.1
+    assert TrainConfig(max_prior_scale=0).prior_scale_ceiling is None
+    assert TrainConfig(inner_method="svi").prior_scale_ceiling == 0.1  # SVI's default ceiling
+    assert TrainConfig().prior_scale_ceiling is None  # Gauss-Newton VI needs none
+    assert TrainConfig(max_prior_scale=0.3).prior_scale_ceiling == 0.3

@@ -253,11 +253,14 @@ def test_swapping_prior_or_guide_changes_nothing_else_in_a_runs_config():
         fields = {k: v for k, v in vars(parse(args + extra)).items()
                   if k not in ("command", "out", "resume", "no_progress", "eval_tasks")}
         return TrainConfig(**fields)
-    base = config([]).to_dict()
+    base = config(["--inner-method", "svi"]).to_dict()
     for extra, changed in ((["--prior", "mixture", "--prior-components", "3"], {"prior", "prior_components"}),
                            (["--guide", "lowrank"], {"guide"}), (["--prior", "laplace"], {"prior"})):
-        swapped = config(extra).to_dict()
+        swapped = config(extra + ["--inner-method", "svi"]).to_dict()
         assert {k for k in base if base[k] != swapped[k]} == changed, extra
+        # left to its default, the inner update becomes SVI (Gauss-Newton needs a diagonal prior and a
+        # meanfield / delta / fullcov guide): the swap then equals the SVI run's config, not a silent hybrid
+        assert config(extra).to_dict() == swapped, extra
     learner = build_learner(TrainConfig(experiment="multimodal", prior="mixture", prior_components=3, guide="lowrank",
                                         device="cpu"))
     assert isinstance(learner.prior, MixtureGaussianPrior) and learner.prior.num_components == 3

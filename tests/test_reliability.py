@@ -131,6 +131,6 @@ def test_load_learner_restores_the_trained_prior(tmp_path):
 
 def test_cli_reports_a_diverging_inner_loop_with_task_and_step(tmp_path, capsys):
     rc = main(["train", "sinusoid", "--algo", "gem-bml+", "--iterations", "2", "--meta-batch", "2",
-               "--inner-lr", "1e12", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
+               "--inner-lr", "1e12", "--inner-method", "svi", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "inner loop diverged" in err and "task(s)" in err and "Traceback" not in err

@@ -44,7 +44,7 @@ def build_policy_learner(config: TrainConfig) -> PolicyMetaLearner:
         policy = GaussianMLPPolicy(env.obs_dim, env.act_dim)
     return PolicyMetaLearner(policy, config.algorithm, inner_update=config.rl_inner, inner_lr=config.inner_lr,
                              inner_steps=config.inner_steps, meta_lr=config.meta_lr, prior_scale=config.prior_scale,
-                             max_prior_scale=config.max_prior_scale, max_kl=config.max_kl,
+                             max_prior_scale=config.prior_scale_ceiling, max_kl=config.max_kl,
                              num_samples=config.num_samples, gem_plus_mode=config.gem_plus_mode)
 
 

@@ -1,0 +1,99 @@
+r"""Per-task Jacobians of a network's outputs with respect to its flat weights.
+
+For ``T`` tasks with weights ``theta [T, P]`` and inputs ``x [T, N, ...]``, :func:`output_jacobian` returns the
+outputs ``f [T, N, O]`` (flattened output dims) and
+
+.. math:: J_{\tau} = \frac{\partial f(x_\tau; \theta_\tau)}{\partial \theta_\tau} \in \mathbb{R}^{(N O) \times P},
+
+returned as ``[T, N, O, P]``. The Gauss-Newton inner update (:mod:`inference.gauss_newton`) builds its
+curvature ``J^T H J`` from it.
+
+Two ways:
+
+- **any network** (:class:`~models.functional.BatchedNet`): reverse mode, one vector-Jacobian product per
+  output row, vmapped over the rows. Tasks are independent (task ``tau``'s outputs depend on
+  ``theta_tau`` only), so a cotangent that is one-hot at row ``k`` in *every* task gives row ``k`` of every
+  task's Jacobian in one pass: ``N O`` passes in all, not ``T N O``.
+- **plain MLPs** (``nn.Sequential`` of ``nn.Linear`` and element-wise activations): closed form. With
+  :math:`\delta_l` the back-propagated output sensitivities of layer ``l`` and :math:`h_{l-1}` its input,
+  :math:`\partial f / \partial W_l = \delta_l \otimes h_{l-1}` and :math:`\partial f / \partial b_l = \delta_l`
+  for every point at once (about 4x faster than the vmapped passes on the sinusoid net).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.functional import BatchedNet
+
+__all__ = ["output_jacobian", "mlp_jacobian", "vjp_jacobian"]
+
+
+def output_jacobian(net: BatchedNet, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(f [T, N, O], J [T, N, O, P])`` at ``theta [T, P]``: the MLP closed form where it applies, else VJPs."""
+    if theta.dim() != 2 or theta.shape[0] != x.shape[0]:
+        raise ValueError(f"output_jacobian needs theta [T, P] and x [T, N, ...]; got {tuple(theta.shape)}, {tuple(x.shape)}")
+    if net.is_plain_mlp:
+        return mlp_jacobian(net, theta, x)
+    return vjp_jacobian(net, theta, x)
+
+
+def vjp_jacobian(net: BatchedNet, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Reverse-mode Jacobian of any :class:`BatchedNet`: ``N O`` vector-Jacobian products, vmapped."""
+    num_tasks, num_points = x.shape[:2]
+
+    def forward(weights: Tensor) -> Tensor:
+        return net(weights, x).reshape(num_tasks, -1)  # [T, N*O]
+
+    with torch.enable_grad():
+        f, pullback = torch.func.vjp(forward, theta.detach())
+        rows = f.shape[1]
+        basis = torch.eye(rows, dtype=f.dtype, device=f.device).unsqueeze(1).expand(rows, num_tasks, rows)
+        (jac,) = torch.func.vmap(pullback)(basis)  # [N*O, T, P]
+    out = rows // num_points
+    return f.detach().reshape(num_tasks, num_points, out), jac.detach().transpose(0, 1).reshape(num_tasks, num_points, out, -1)
+
+
+def mlp_jacobian(net: BatchedNet, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Closed-form Jacobian of an ``nn.Sequential`` of ``nn.Linear`` and element-wise activations."""
+    params = iter(torch.split(theta, net.sizes, dim=-1))
+    layers: list[tuple[Tensor, Tensor | None, list[nn.Module]]] = []
+    for layer in net.module:
+        if isinstance(layer, nn.Linear):
+            weight = next(params).unflatten(-1, (layer.out_features, layer.in_features))
+            bias = next(params) if layer.bias is not None else None
+            layers.append((weight, bias, []))
+        else:
+            layers[-1][2].append(layer)
+    inputs, slopes = [], []  # each layer's input h_{l-1} [T, N, in] and activation derivative [T, N, out]
+    h = x.reshape(*x.shape[:2], -1)
+    for weight, bias, activations in layers:
+        inputs.append(h)
+        a = h @ weight.transpose(-1, -2)
+        if bias is not None:
+            a = a + bias.unsqueeze(-2)
+        if activations:
+            with torch.enable_grad():
+                a_in = a.detach().requires_grad_()
+                out = a_in
+                for act in activations:
+                    out = act(out)
+                (slope,) = torch.autograd.grad(out.sum(), a_in)  # element-wise: the derivative itself
+            h = out.detach()
+        else:
+            h, slope = a, None
+        slopes.append(slope)
+    num_tasks, num_points, num_out = h.shape
+    delta = torch.eye(num_out, dtype=h.dtype, device=h.device).expand(num_tasks, num_points, num_out, num_out)
+    blocks: list[list[Tensor]] = []
+    for k in range(len(layers) - 1, -1, -1):  # delta [T, N, O, units of layer k]
+        weight, bias, _ = layers[k]
+        if slopes[k] is not None:
+            delta = delta * slopes[k].unsqueeze(2)
+        grad_w = (delta.unsqueeze(-1) * inputs[k].unsqueeze(2).unsqueeze(3)).flatten(-2)
+        blocks.append([grad_w] + ([delta] if bias is not None else []))
+        if k > 0:
+            delta = delta @ weight.unsqueeze(1)
+    jac = torch.cat([t for block in reversed(blocks) for t in block], -1)
+    return h, jac
