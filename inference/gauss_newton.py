@@ -66,31 +66,53 @@ def map_objective(model: HierarchicalModel, theta: Tensor, x: Tensor, y: Tensor,
 
 def gauss_newton_direction(model: HierarchicalModel, m: Tensor, x: Tensor, y: Tensor, prior_loc: Tensor,
                            prior_var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One Gauss-Newton direction ``d [T, P]`` at ``m [T, P]``, plus ``diag G^T G`` ``[T, P]``, ``G Sigma0^(1/2)``
-    ``[T, NO, P]`` and the Cholesky factor of ``I + G Sigma0 G^T`` ``[T, NO, NO]`` (``prior_loc`` / ``prior_var``
-    broadcast to ``[T, P]``).
+    r"""One Gauss-Newton direction ``d [T, P]`` at ``m [T, P]``, with ``Gs = G Sigma0^(1/2)`` ``[T, NO, P]`` and the
+    Cholesky factor of ``I + Gs Gs^T`` ``[T, NO, NO]`` (``prior_loc`` / ``prior_var`` broadcast to ``[T, P]``).
 
-    Written with ``Gs = G Sigma0^(1/2)``: five passes over the ``[T, NO, P]`` Jacobian and one batched matmul.
+    In function space, with ``delta = m - mu0`` and, for a likelihood whose ``R`` is one number per point, the
+    whitened output gradient ``r = g / R``:
+
+    .. math:: \Sigma_0^{1/2} b = G_s^\top r + \Sigma_0^{-1/2}\delta, \quad
+              w = (I + G_s G_s^\top)^{-1} G_s \Sigma_0^{1/2} b, \quad
+              d = -\delta - \Sigma_0^{1/2} G_s^\top (r - w),
+
+    so a step costs three passes over the Jacobian (scaling, the kernel ``Gs Gs^T``, ``Gs^T (r - w)``) and one
+    more away from the prior mean (``Gs Sigma0^(-1/2) delta``). Softmax likelihoods (``R`` a matrix) take ``b``
+    directly.
     """
     f, jac = output_jacobian(model.net, m, x)                    # [T, N, *out], [T, N, O, P]
-    grad_f, factor = model.likelihood.curvature(f, y)            # [T, N, O], [T, N, O, O]
+    grad_f, factor = model.likelihood.curvature(f, y)            # [T, N, O], R broadcastable to [T, N, O, O]
     num_tasks, num_params = m.shape
     prior_sd = prior_var.expand_as(m).sqrt()
-    if factor.shape[-1] == 1:                                    # one output: R is a scalar per point
-        scaled = jac.reshape(num_tasks, -1, num_params) * (factor.reshape(num_tasks, -1, 1) * prior_sd.unsqueeze(1))
-        gradient = (scaled * (grad_f.reshape(num_tasks, -1, 1) / factor.reshape(num_tasks, -1, 1))).sum(1) / prior_sd
+    delta = m - prior_loc
+    rows = jac.reshape(num_tasks, -1, num_params)                # J, [T, NO, P]
+    scalar = factor.shape[-1] == 1
+    if scalar:                                                   # R is a number per point (Gaussian likelihoods)
+        if factor.numel() == 1:
+            scaled = rows.mul_(prior_sd.unsqueeze(1) * factor.reshape(()))
+        else:
+            scaled = rows.mul_(prior_sd.unsqueeze(1)).mul_(factor.reshape(num_tasks, -1, 1))
+        white = (grad_f / factor.squeeze(-1)).reshape(num_tasks, -1, 1)  # r = g / R, [T, NO, 1]
     else:
-        gradient = (grad_f.unsqueeze(-1) * jac).sum((1, 2))  # J^T g
-        scaled = torch.einsum("tnok,tnop->tnkp", factor, jac).reshape(num_tasks, -1, num_params) * prior_sd.unsqueeze(1)
-    b = gradient + (m - prior_loc) / prior_var                   # gradient of the MAP objective
-    kernel = scaled @ scaled.transpose(1, 2)
-    kernel.diagonal(dim1=-2, dim2=-1).add_(1.0)                  # I + G Sigma0 G^T
+        gradient = torch.bmm(grad_f.reshape(num_tasks, 1, -1), rows).squeeze(1)  # J^T g
+        scaled = torch.einsum("tnok,tnop->tnkp", factor.expand(*jac.shape[:2], -1, -1), jac)
+        scaled = scaled.reshape(num_tasks, -1, num_params).mul_(prior_sd.unsqueeze(1))
+    kernel = scaled @ scaled.transpose(1, 2)                     # Gs Gs^T
+    moved = bool(delta.abs().max() > 0)
+    if scalar:
+        c = kernel @ white                                       # Gs Gs^T r ...
+        if moved:                                                # ... + Gs Sigma0^(-1/2) delta
+            c = c + (scaled * (delta / prior_sd).unsqueeze(1)).sum(-1, keepdim=True)
+    else:
+        c = (scaled * (prior_sd * gradient + delta / prior_sd).unsqueeze(1)).sum(-1, keepdim=True)
+    kernel.diagonal(dim1=-2, dim2=-1).add_(1.0)                  # I + Gs Gs^T
     chol = torch.linalg.cholesky(kernel)
-    sb = prior_sd * b
-    c = (scaled * sb.unsqueeze(1)).sum(-1, keepdim=True)         # G Sigma0 b
     w = torch.cholesky_solve(c, chol)
-    direction = -prior_sd * (sb - (scaled * w).sum(1))
-    return direction, scaled.pow(2).sum(1) / prior_var, scaled, chol
+    if scalar:
+        direction = -delta - prior_sd * torch.bmm((white - w).transpose(1, 2), scaled).squeeze(1)
+    else:
+        direction = -delta - prior_sd * (prior_sd * gradient - torch.bmm(w.transpose(1, 2), scaled).squeeze(1))
+    return direction, scaled, chol
 
 
 def gauss_newton_fit(
@@ -125,7 +147,6 @@ def gauss_newton_fit(
     prior_var = prior_var.detach().expand_as(m)
     prior_loc = prior_loc.detach()
     candidates = 0.5 ** torch.arange(halvings + 1, dtype=m.dtype, device=m.device)
-    tasks = torch.arange(m.shape[0], device=m.device)
     reach = torch.ones(m.shape[0], dtype=m.dtype, device=m.device)  # per task: the largest step it will try next
     posterior = start.detach()
     with torch.no_grad():
@@ -133,29 +154,54 @@ def gauss_newton_fit(
         if callback is not None:
             callback(0, posterior)
         for step in range(1, steps + 1):
-            direction, curvature, scaled, chol = gauss_newton_direction(model, m, x, y, prior_loc, prior_var)
-            if not torch.isfinite(direction.sum() + curvature.sum()):
-                bad = (~torch.isfinite(direction).all(1) | ~torch.isfinite(curvature).all(1)).nonzero().flatten().tolist()
+            direction, scaled, chol = gauss_newton_direction(model, m, x, y, prior_loc, prior_var)
+            if not torch.isfinite(direction.sum()):
+                bad = (~torch.isfinite(direction).all(1)).nonzero().flatten().tolist()
                 raise InnerLoopDivergedError(f"Gauss-Newton inner update produced NaN/inf at step {step} of {steps} "
                                              f"for task(s) {bad}; check the data and the prior scale")
-            steps_tried = reach.unsqueeze(0) * candidates.view(-1, 1)                # [H+1, T]
-            trial = m + steps_tried.unsqueeze(-1) * direction                         # [H+1, T, P]
-            scores = map_objective(model, trial, x, y, prior_loc, prior_var)       # [H+1, T]
-            better = (scores < current) & torch.isfinite(scores)
-            accepted = better.any(0)
-            best = better.to(torch.int8).argmax(0)                                 # the largest step that helps
-            m = torch.where(accepted.unsqueeze(-1), trial[best, tasks], m)
-            current = torch.where(accepted, scores[best, tasks], current)
-            taken = steps_tried[best, tasks]
-            reach = torch.where(accepted, (2 * taken).clamp(max=1.0), steps_tried[-1] / 2)
-            posterior = _posterior(kind, m, prior_var, curvature, scaled, chol, laplace)
+            m, current, reach = _line_search(model, m, direction, reach, current, candidates, x, y, prior_loc,
+                                             prior_var)
+            if step == steps or callback is not None:
+                posterior = _posterior(kind, m, prior_var, scaled, chol, laplace)
             if callback is not None:
                 callback(step, posterior)
     return posterior
 
 
-def _posterior(kind: str, m: Tensor, prior_var: Tensor, curvature: Tensor, scaled: Tensor, chol: Tensor,
-               laplace: bool) -> Posterior:
+def _line_search(model: HierarchicalModel, m: Tensor, direction: Tensor, reach: Tensor, current: Tensor,
+                 candidates: Tensor, x: Tensor, y: Tensor, prior_loc: Tensor, prior_var: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per task, the largest step ``reach * candidates[j]`` along ``direction`` that lowers the MAP objective.
+
+    The full step is scored for every task in one forward pass; only the tasks it does not help score the
+    shorter ones (again in one pass), so the usual case costs one forward. Returns the new means, objectives and
+    reaches (twice the step taken, at most 1; half the shortest tried where none helped and the task stayed).
+    """
+    full = m + reach.unsqueeze(-1) * direction
+    score = map_objective(model, full, x, y, prior_loc, prior_var)
+    ok = (score < current) & torch.isfinite(score)
+    m = torch.where(ok.unsqueeze(-1), full, m)
+    new_reach = torch.where(ok, (2 * reach).clamp(max=1.0), reach)
+    current = torch.where(ok, score, current)
+    rest = (~ok).nonzero().flatten()
+    if rest.numel() and candidates.numel() > 1:
+        tried = reach[rest].unsqueeze(0) * candidates[1:].unsqueeze(1)                 # [H, R]
+        trial = m[rest] + tried.unsqueeze(-1) * direction[rest]                         # [H, R, P]
+        loc = prior_loc if prior_loc.dim() == 1 else prior_loc[rest]
+        scores = map_objective(model, trial, x[rest], y[rest], loc, prior_var[rest])   # [H, R]
+        better = (scores < current[rest]) & torch.isfinite(scores)
+        found = better.any(0)
+        best = better.to(torch.int8).argmax(0)
+        pick = torch.arange(rest.numel(), device=m.device)
+        m[rest] = torch.where(found.unsqueeze(-1), trial[best, pick], m[rest])
+        current[rest] = torch.where(found, scores[best, pick], current[rest])
+        new_reach[rest] = torch.where(found, (2 * tried[best, pick]).clamp(max=1.0), tried[-1] / 2)
+    elif rest.numel():
+        new_reach[rest] = reach[rest] / 2
+    return m, current, new_reach
+
+
+def _posterior(kind: str, m: Tensor, prior_var: Tensor, scaled: Tensor, chol: Tensor, laplace: bool) -> Posterior:
     r"""The posterior of the step: the guide's family, and on request the linearised model's full Gaussian.
 
     The full covariance is :math:`(\Lambda_0 + G^\top G)^{-1} = \Sigma_0 - U U^\top` with
@@ -169,6 +215,7 @@ def _posterior(kind: str, m: Tensor, prior_var: Tensor, curvature: Tensor, scale
     if kind == "full":  # P x P per task: small models only
         cov = torch.diag_embed(prior_var) - factor @ factor.transpose(1, 2)
         return Posterior(m, scale_tril=torch.linalg.cholesky(cov))
+    curvature = scaled.pow(2).sum(1) / prior_var                 # diag G^T G
     scale = (1.0 / (1.0 / prior_var + curvature)).sqrt()
     if laplace:
         return Posterior(m, scale, laplace_scale=prior_sd, laplace_factor=factor)

@@ -73,7 +73,9 @@ def mlp_jacobian(net: BatchedNet, theta: Tensor, x: Tensor) -> tuple[Tensor, Ten
         a = h @ weight.transpose(-1, -2)
         if bias is not None:
             a = a + bias.unsqueeze(-2)
-        if activations:
+        if len(activations) == 1 and type(activations[0]) is nn.ReLU:
+            h, slope = torch.relu(a), (a > 0).to(a.dtype)
+        elif activations:
             with torch.enable_grad():
                 a_in = a.detach().requires_grad_()
                 out = a_in
@@ -85,15 +87,22 @@ def mlp_jacobian(net: BatchedNet, theta: Tensor, x: Tensor) -> tuple[Tensor, Ten
             h, slope = a, None
         slopes.append(slope)
     num_tasks, num_points, num_out = h.shape
+    jac = torch.empty(num_tasks, num_points, num_out, net.num_params, dtype=h.dtype, device=h.device)
+    offsets, total = [], 0
+    for weight, bias, _ in layers:  # where each layer's weight and bias start in theta (named_parameters order)
+        offsets.append(total)
+        total += weight.shape[-1] * weight.shape[-2] + (0 if bias is None else weight.shape[-2])
     delta = torch.eye(num_out, dtype=h.dtype, device=h.device).expand(num_tasks, num_points, num_out, num_out)
-    blocks: list[list[Tensor]] = []
     for k in range(len(layers) - 1, -1, -1):  # delta [T, N, O, units of layer k]
         weight, bias, _ = layers[k]
         if slopes[k] is not None:
             delta = delta * slopes[k].unsqueeze(2)
-        grad_w = (delta.unsqueeze(-1) * inputs[k].unsqueeze(2).unsqueeze(3)).flatten(-2)
-        blocks.append([grad_w] + ([delta] if bias is not None else []))
-        if k > 0:
-            delta = delta @ weight.unsqueeze(1)
-    jac = torch.cat([t for block in reversed(blocks) for t in block], -1)
+        units, fan_in = weight.shape[-2:]
+        start = offsets[k]
+        block = jac[..., start:start + units * fan_in].view(num_tasks, num_points, num_out, units, fan_in)
+        torch.mul(delta.unsqueeze(-1), inputs[k].unsqueeze(2).unsqueeze(3), out=block)  # delta (x) h_{l-1}
+        if bias is not None:
+            jac[..., start + units * fan_in:start + units * (fan_in + 1)] = delta
+        if k > 0:  # back through the weights: [T, N O, units] @ [T, units, fan_in]
+            delta = torch.bmm(delta.reshape(num_tasks, -1, units), weight).reshape(num_tasks, num_points, num_out, fan_in)
     return h, jac

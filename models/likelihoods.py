@@ -33,8 +33,8 @@ class Likelihood:
     def curvature(self, pred: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         r"""What the Gauss-Newton inner update needs of ``-log p(y | f)`` at ``f = pred [T, N, ...]``.
 
-        Returns its gradient in ``f``, ``[T, N, O]`` (output dims flattened), and a factor ``R [T, N, O, O]`` of
-        its Gauss-Newton Hessian per point, :math:`H = R R^\top \succeq 0`.
+        Returns its gradient in ``f``, ``[T, N, O]`` (output dims flattened), and a factor ``R`` (broadcastable to
+        ``[T, N, O, O]``) of its Gauss-Newton Hessian per point, :math:`H = R R^\top \succeq 0`.
         """
         raise NotImplementedError(f"{type(self).__name__} has no Gauss-Newton curvature; use the SVI inner update "
                                   f"(InnerConfig(method='svi'))")
@@ -79,8 +79,11 @@ class GaussianLikelihood(Likelihood):
         """``(f - y) / s^2`` and ``R = I / s`` (the Hessian ``I / s^2`` is exact: the loss is quadratic in ``f``)."""
         var = self.noise_scale ** 2
         grad = ((pred - y) / var).flatten(2)
-        eye = torch.eye(grad.shape[-1], dtype=pred.dtype, device=pred.device) / self.noise_scale
-        return grad, eye.expand(*grad.shape, grad.shape[-1])
+        outputs = grad.shape[-1]
+        if outputs == 1:  # one number for every point
+            return grad, torch.full((1, 1, 1, 1), 1.0 / self.noise_scale, dtype=pred.dtype, device=pred.device)
+        eye = torch.eye(outputs, dtype=pred.dtype, device=pred.device) / self.noise_scale
+        return grad, eye.expand(*grad.shape, outputs)
 
     def __repr__(self) -> str:
         return f"GaussianLikelihood(noise_scale={self.noise_scale})"
