@@ -10,21 +10,21 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "trim_log", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "trim_log", "atomic_write_text", "CheckpointError"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or not an hbmeta checkpoint."""
 
 
-def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """Write ``state`` to ``path`` so that a crash at any moment leaves either the old or the new file."""
+def _atomic_write(path: str | Path, write) -> Path:
+    """``write(binary file)`` into a temp file beside ``path``, fsync, rename: a crash leaves the old or the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,6 +32,16 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    """Write ``state`` to ``path`` so that a crash at any moment leaves either the old or the new file."""
+    return _atomic_write(path, lambda f: torch.save(state, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`save_checkpoint` writes checkpoints."""
+    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -140,12 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("which", choices=["step", "scaling", "throughput"],
+    p.add_argument("which", choices=["step", "scaling", "throughput", "accuracy"],
                    help="step: sinusoid net, time and memory per meta-iteration vs inner steps; "
                         "scaling: the same with conv4 on miniImageNet-shaped 5-way 1-shot tasks (paper Fig. 2b); "
-                        "throughput: tasks adapted per second vs meta-batch size, sinusoid and conv4")
+                        "throughput: tasks adapted per second vs meta-batch size, sinusoid and conv4; "
+                        "accuracy: every algorithm on the same tasks, seeds and budget (sinusoid, Omniglot)")
+    p.add_argument("--budget", default="small", help="accuracy: small (a 2-core CPU), paper (a GPU) or smoke")
+    p.add_argument("--algos", default=None, help="accuracy: comma-separated algorithms (default gem-bml+,gem-bml,"
+                                                  "maml,fomaml,reptile)")
+    p.add_argument("--seeds", default="0,1,2", help="accuracy: comma-separated seeds")
+    p.add_argument("--table-only", action="store_true", help="accuracy: only assemble the table from finished runs")
+    p.add_argument("--data-root", default=None, help="accuracy: folder with omniglot/ (default $HBMETA_DATA or ../shared/data)")
     p.add_argument("--meta-batches", default=None, help="throughput: comma-separated meta-batch sizes (4,8,...,128)")
-    p.add_argument("--benchmarks", default=None, help="throughput: comma-separated, from sinusoid,conv4")
+    p.add_argument("--benchmarks", default=None, help="throughput: comma-separated, from sinusoid,conv4; accuracy: "
+                                                       "from sinusoid,sinusoid-challenging,omniglot-5w1s,omniglot-5w5s")
     p.add_argument("--amp", action="store_true", help="throughput: bf16 autocast of the network forward passes")
     p.add_argument("--queries", type=int, default=None, help="scaling: query images per class")
     p.add_argument("--inner-steps", default=None, help="comma-separated inner-step counts, e.g. 1,2,5,10,20")
@@ -278,6 +286,20 @@ def _cmd_bench(args) -> int:
         from hbmeta import throughput
 
         return throughput.run_from_args(args)
+    if args.which == "accuracy":
+        from hbmeta import accuracy
+
+        config = accuracy.AccuracyBenchConfig(budget=args.budget, device=args.device, data_root=args.data_root,
+                                              out=args.out if args.out != "runs/bench" else "runs/accuracy",
+                                              seeds=tuple(int(k) for k in args.seeds.split(",")))
+        if args.benchmarks:
+            config.benchmarks = tuple(args.benchmarks.split(","))
+        if args.algos:
+            config.algorithms = tuple(args.algos.split(","))
+        config.__post_init__()
+        run = (lambda c: accuracy.summarize(accuracy.collect_results(c.out), c.budget)) if args.table_only \
+            else accuracy.run_accuracy_benchmark
+        return _report(config, run, accuracy.format_accuracy_table, accuracy.write_accuracy_benchmark, config.out)
     if args.which == "scaling":
         from hbmeta import scaling
 
