@@ -57,6 +57,9 @@ def _add_train(sub) -> None:
                         "0 = none; default none with Gauss-Newton VI, 0.1 with SVI")
     p.add_argument("--noise-scale", type=float, default=None,
                    help="Gaussian likelihood's noise sd; default 0.25 with Gauss-Newton VI, 0.5 with SVI")
+    p.add_argument("--learn-likelihood", action="store_true",
+                   help="meta-learn the Gaussian noise sd (regression) or the softmax temperature (classification) "
+                        "by GEM's Fisher identity (gem-bml, gem-bml+)")
     p.add_argument("--inner-method", default=None, choices=["gauss-newton", "svi"],
                    help="Bayesian inner update; default gauss-newton for gem-bml(+) with the diagonal prior")
     p.add_argument("--guide", default=d.guide, help="meanfield, delta, fullcov or lowrank")

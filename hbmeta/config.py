@@ -66,6 +66,7 @@ class TrainConfig:
     prior_scale: float | None = None  # None: inference.learner.prior_defaults of the inner update
     max_prior_scale: float | None = None  # None: the inner update's default; 0: no ceiling
     noise_scale: float | None = None  # regression likelihood noise; None: the inner update's default
+    learn_likelihood: bool = False  # meta-learn the noise sd / softmax temperature by GEM (gem-bml, gem-bml+)
     guide: str = "meanfield"
     prior: str = "diagonal"
     prior_components: int = 2

@@ -59,6 +59,16 @@ class Experiment:
         return (self.make_test_tasks or self.make_tasks)(config)
 
 
+def _gaussian(config: "TrainConfig") -> Likelihood:
+    """Regression: Gaussian noise ``noise_scale``, meta-learned with ``--learn-likelihood``."""
+    return GaussianLikelihood(config.noise_scale, learn_scale=config.learn_likelihood)
+
+
+def _categorical(config: "TrainConfig") -> Likelihood:
+    """Classification: softmax with temperature 1, meta-learned with ``--learn-likelihood``."""
+    return CategoricalLikelihood(learn_scale=config.learn_likelihood)
+
+
 def _sinusoid(setting: str) -> Callable[["TrainConfig"], Any]:
     def make(config: "TrainConfig"):
         from hbmeta.tasks import SinusoidTasks
@@ -216,18 +226,18 @@ def _rl_experiment(name: str) -> Experiment:
 
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e for e in (
-        Experiment("sinusoid", _sinusoid("default"), _sinusoid_net, lambda c: GaussianLikelihood(c.noise_scale), "mse",
+        Experiment("sinusoid", _sinusoid("default"), _sinusoid_net, _gaussian, "mse",
                    _sinusoid_defaults),
         Experiment("sinusoid-challenging", _sinusoid("challenging"), _sinusoid_net,
-                   lambda c: GaussianLikelihood(c.noise_scale), "mse", _sinusoid_defaults),
-        Experiment("multimodal", _multimodal, _sinusoid_net, lambda c: GaussianLikelihood(c.noise_scale), "mse",
+                   _gaussian, "mse", _sinusoid_defaults),
+        Experiment("multimodal", _multimodal, _sinusoid_net, _gaussian, "mse",
                    _sinusoid_defaults),
-        Experiment("omniglot", _omniglot_tasks("train"), _conv4("omniglot"), lambda c: CategoricalLikelihood(),
+        Experiment("omniglot", _omniglot_tasks("train"), _conv4("omniglot"), _categorical,
                    "accuracy", classification_defaults("omniglot"), _omniglot_tasks("test")),
         Experiment("miniimagenet", _miniimagenet_tasks("train"), _conv4("miniimagenet"),
-                   lambda c: CategoricalLikelihood(), "accuracy", classification_defaults("miniimagenet"),
+                   _categorical, "accuracy", classification_defaults("miniimagenet"),
                    _miniimagenet_tasks("test")),
-        Experiment("drug", _drug_tasks("train"), _drug_net, lambda c: GaussianLikelihood(c.noise_scale), "r2",
+        Experiment("drug", _drug_tasks("train"), _drug_net, _gaussian, "r2",
                    _drug_defaults, _drug_tasks("test"), _drug_tasks("valid")),
         *(_rl_experiment(name) for name in ("nav2d", "cheetah-vel", "cheetah-dir")),
     )

@@ -108,7 +108,8 @@ def _gem_estimates(model, guide, x, y, mu, log_sigma, config, noise: Tensor) -> 
     """GEM after each ``K``: VI by :func:`fit_posterior` (SGD, the given noise), closed-form GEM per run."""
     snapshots: dict[int, Posterior] = {}
     keep = set(config.iterations)
-    inner = InnerConfig(steps=max(keep), lr=config.lr, optimizer="sgd", num_samples=config.num_samples)
+    inner = InnerConfig(steps=max(keep), lr=config.lr, optimizer="sgd", num_samples=config.num_samples,
+                        estimator="reparam")  # the study feeds both estimators the same weight-space noise
     fit_posterior(model, guide, x, y, Posterior(mu, log_sigma.exp()), prior=dist.Normal(mu, log_sigma.exp()).to_event(1),
                   config=inner, noise=lambda step, shape: noise[step - 1],
                   callback=lambda step, post: snapshots.__setitem__(step, post) if step in keep else None)

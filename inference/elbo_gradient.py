@@ -50,10 +50,15 @@ def unrolled_guide_params(model: HierarchicalModel, guide: Guide, x: Tensor, y: 
                if guide.stochastic else None)
         loss = negative_elbo(model, guide, params, x, y, prior_dist, eps, config.analytic_kl, config.elbo)
         grads = torch.autograd.grad(loss, [params[n] for n in trainable], create_graph=True)
-        if config.clip_norm is not None:  # per-task clipping, as in the inner loop; differentiable
-            norms = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads))
-            factor = (config.clip_norm / (norms + 1e-12)).clamp(max=1.0).unsqueeze(-1)
-            grads = [g * factor for g in grads]
+        if config.clip_norm is not None:  # per-task clipping as in the inner loop (location and scale apart)
+            grads = list(grads)
+            for group in ([i for i, n in enumerate(trainable) if n in ("loc", "z")],
+                          [i for i, n in enumerate(trainable) if n not in ("loc", "z")]):
+                if group:
+                    norms = torch.sqrt(sum(grads[i].pow(2).flatten(1).sum(1) for i in group))
+                    factor = (config.clip_norm / (norms + 1e-12)).clamp(max=1.0).unsqueeze(-1)
+                    for i in group:
+                        grads[i] = grads[i] * factor
         params = {**params, **{n: params[n] - config.lr * g for n, g in zip(trainable, grads)}}
     return params
 

@@ -21,9 +21,9 @@ the current mean ``m`` is:
 3. **Backtracking line search** on the task's MAP objective
    :math:`-\log p(D \mid \theta) + \tfrac12 \sum_i (\theta_i - \mu_{0,i})^2 / v_{0,i}`: the steps
    :math:`m + t d`, :math:`t = r, r/2, \dots, r 2^{-h}`, are scored in ONE batched forward pass and each task
-   keeps the largest that lowers it. Each task remembers its reach ``r`` (starting at 1): twice the step it
-   took, at most 1, or - when no candidate helped and the task stayed where it was - half the smallest one
-   tried, so a task on a very curved stretch keeps shrinking its step instead of being stuck.
+   keeps the largest that lowers it. Each task has a reach ``r``: 1, except after a step in which no candidate
+   helped and the task stayed where it was - then half the smallest one tried, so a task on a very curved
+   stretch keeps shrinking its step instead of being stuck.
 4. **Variance**: the mean-field fixed point :math:`s^2 = 1 / (1 / v_0 + \mathrm{diag}\, G^\top G)`.
 
 Why this is VI: for the linearised model the posterior is Gaussian with precision :math:`\Lambda_0 + G^\top G`;
@@ -175,13 +175,13 @@ def _line_search(model: HierarchicalModel, m: Tensor, direction: Tensor, reach: 
 
     The full step is scored for every task in one forward pass; only the tasks it does not help score the
     shorter ones (again in one pass), so the usual case costs one forward. Returns the new means, objectives and
-    reaches (twice the step taken, at most 1; half the shortest tried where none helped and the task stayed).
+    reaches (1 after a step was taken; half the shortest tried where none helped and the task stayed).
     """
     full = m + reach.unsqueeze(-1) * direction
     score = map_objective(model, full, x, y, prior_loc, prior_var)
     ok = (score < current) & torch.isfinite(score)
     m = torch.where(ok.unsqueeze(-1), full, m)
-    new_reach = torch.where(ok, (2 * reach).clamp(max=1.0), reach)
+    new_reach = torch.where(ok, torch.ones_like(reach), reach)
     current = torch.where(ok, score, current)
     rest = (~ok).nonzero().flatten()
     if rest.numel() and candidates.numel() > 1:
@@ -195,7 +195,7 @@ def _line_search(model: HierarchicalModel, m: Tensor, direction: Tensor, reach: 
         pick = torch.arange(rest.numel(), device=m.device)
         m[rest] = torch.where(found.unsqueeze(-1), trial[best, pick], m[rest])
         current[rest] = torch.where(found, scores[best, pick], current[rest])
-        new_reach[rest] = torch.where(found, (2 * tried[best, pick]).clamp(max=1.0), tried[-1] / 2)
+        new_reach[rest] = torch.where(found, torch.ones_like(found, dtype=reach.dtype), tried[-1] / 2)
     elif rest.numel():
         new_reach[rest] = reach[rest] / 2
     return m, current, new_reach

@@ -20,14 +20,17 @@ import torch
 from torch import Tensor
 
 from inference.batch import TaskBatch
-from inference.inner import InnerConfig, NoiseFn, fit_posterior
+from inference.inner import CommonNoise, InnerConfig, NoiseFn, fit_posterior, standard_normal
 from models.guides import Guide
 from models.hierarchical import HierarchicalModel
 from models.posterior import Posterior
 from models.priors import Prior
 
 __all__ = ["gem_gradient", "mc_gem_gradient", "gem_bml_gradient", "gem_plus_gradient", "gem_plus_posteriors",
-           "GEM_PLUS_MODES"]
+           "likelihood_gem_gradient", "GEM_PLUS_MODES", "LIKELIHOOD_PREFIX"]
+
+#: per-task gradients of the likelihood's own parameters are keyed ``"likelihood.<name>"``
+LIKELIHOOD_PREFIX = "likelihood."
 
 #: how GEM-BML+ fits q2 on D_tr u D_val (:func:`gem_plus_posteriors`)
 GEM_PLUS_MODES = ("sequential", "joint", "restart")
@@ -62,6 +65,37 @@ def gem_gradient(prior: Prior, posterior: Posterior, closed_form: bool = True, n
     return mc_gem_gradient(prior, posterior, num_samples, generator)
 
 
+def likelihood_gem_gradient(model: HierarchicalModel, posterior: Posterior, x: Tensor, y: Tensor
+                            ) -> dict[str, Tensor]:
+    r"""Per-task GEM gradient of the likelihood's learnable parameters ``phi`` (a noise scale, a temperature).
+
+    Fisher's identity holds for every parameter of the marginal likelihood, so as for the prior (Theorem 1)
+
+    .. math:: \nabla_\phi \log p(D; \Theta, \phi) = \mathbb{E}_{p(\theta \mid D)} \nabla_\phi \log p(D \mid \theta; \phi)
+              \approx \nabla_\phi\, \mathbb{E}_{f \sim N(f(x; m),\, J \Sigma J^\top)} \log p(D \mid f; \phi),
+
+    the expectation over the posterior pushed through the network linearised at its mean ``m``
+    (:meth:`~models.likelihoods.Likelihood.expected_log_prob`; exact for a linear-Gaussian model, where it is the
+    gradient of the exact log marginal likelihood in ``phi`` - ``tests/test_likelihood_scale.py``). ``Sigma`` is the
+    posterior's covariance (mean-field, low-rank, full, or the linearised Laplace one). Returns
+    ``{"likelihood.<name>": [T, *shape]}``; empty if nothing is learnable.
+    """
+    params = {n: p for n, p in model.likelihood.named_parameters() if p.requires_grad}
+    if not params:
+        return {}
+    from models.jacobian import output_jacobian
+
+    f, jac = output_jacobian(model.net, posterior.loc.detach(), x)
+    cov = posterior.detach().function_covariance(jac)
+    buffers = dict(model.likelihood.named_buffers())
+
+    def per_task(values: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(model.likelihood, ({**values}, buffers), (f, cov, y))
+
+    grads = torch.func.jacrev(per_task)({n: p.detach() for n, p in params.items()})
+    return {LIKELIHOOD_PREFIX + n: g for n, g in grads.items()}
+
+
 def gem_bml_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, config: InnerConfig,
                      generator: torch.Generator | None = None, closed_form: bool = True, noise: NoiseFn | None = None
                      ) -> tuple[dict[str, Tensor], Posterior]:
@@ -74,7 +108,8 @@ def gem_bml_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, c
     x, y = batch.joint()
     post = fit_posterior(model, guide, x, y, model.initial_posterior(x, y), config=config,
                          generator=generator, noise=noise)
-    return gem_gradient(model.prior, post, closed_form, generator=generator), post
+    grads = gem_gradient(model.prior, post, closed_form, generator=generator)
+    return {**grads, **likelihood_gem_gradient(model, post, x, y)}, post
 
 
 def gem_plus_posteriors(model: HierarchicalModel, guide: Guide, batch: TaskBatch, config: InnerConfig,
@@ -87,23 +122,26 @@ def gem_plus_posteriors(model: HierarchicalModel, guide: Guide, batch: TaskBatch
     ``mode="restart"``: start at the prior, prior Theta, data D_tr u D_val - q2 is fitted exactly as q1 is, so
     the two estimates in ``g(q2) - g(q1)`` share the inner update's error (the Gauss-Newton default: with a
     warm start q2 gets more optimisation than q1 and the difference picks that up; README, "Defaults").
-    ``noise`` (optional) replaces ``generator`` as both fits' reparameterisation noise, drawn in the same order.
+    ``noise`` (optional) replaces ``generator`` as both fits' reparameterisation noise. q2 replays q1's draws
+    (common random numbers, :class:`inference.inner.CommonNoise`).
     """
     if mode not in GEM_PLUS_MODES:
         raise ValueError(f"unknown GEM-BML+ mode {mode!r}; choose one of {', '.join(GEM_PLUS_MODES)}")
+    common = CommonNoise(noise or standard_normal(generator, batch.x_train))  # q2 replays q1's draws
+    noise1, noise2 = common.first, common.second
     q1 = fit_posterior(model, guide, batch.x_train, batch.y_train, model.initial_posterior(batch.x_train, batch.y_train),
-                       config=config, generator=generator, noise=noise)
+                       config=config, generator=generator, noise=noise1)
     val_steps = config.val_steps if config.val_steps is not None else config.steps
     if mode == "sequential":
         if q1.kind == "delta":
             raise ValueError("sequential GEM-BML+ needs a posterior with a density as the prior of VI(lambda_tr, D_val); "
                              "a Delta guide has none: use mode='joint'")
         q2 = fit_posterior(model, guide, batch.x_val, batch.y_val, q1, prior=q1.distribution(), config=config,
-                           steps=val_steps, generator=generator, noise=noise)
+                           steps=val_steps, generator=generator, noise=noise2)
     else:
         x, y = batch.joint()
         start = q1 if mode == "joint" else model.initial_posterior(x, y)
-        q2 = fit_posterior(model, guide, x, y, start, config=config, steps=val_steps, generator=generator, noise=noise)
+        q2 = fit_posterior(model, guide, x, y, start, config=config, steps=val_steps, generator=generator, noise=noise2)
     return q1, q2
 
 
@@ -120,4 +158,7 @@ def gem_plus_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, 
     q1, q2 = gem_plus_posteriors(model, guide, batch, config, generator, mode, noise)
     g2 = gem_gradient(model.prior, q2, closed_form, generator=generator)
     g1 = gem_gradient(model.prior, q1, closed_form, generator=generator)
+    if model.likelihood.learnable:  # the same difference for the likelihood's parameters
+        g2.update(likelihood_gem_gradient(model, q2, *batch.joint()))
+        g1.update(likelihood_gem_gradient(model, q1, batch.x_train, batch.y_train))
     return {n: g2[n] - g1[n] for n in g2}, q1

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from inference.batch import TaskBatch
-from inference.inner import InnerConfig, InnerLoopDivergedError, _clip_per_task, make_optimizer
+from inference.inner import InnerConfig, InnerLoopDivergedError, clip_per_task, make_optimizer
 from models.hierarchical import HierarchicalModel
 from models.posterior import Posterior
 
@@ -61,7 +61,7 @@ def proximal_adapt(model: HierarchicalModel, mu: Tensor, x: Tensor, y: Tensor, l
         loss = model.point_loss(theta, x, y).sum() + 0.5 * lam * (theta - mu).pow(2).sum()
         loss.backward()
         if clip_norm is not None:
-            _clip_per_task([theta], clip_norm)
+            clip_per_task([theta], clip_norm)
         opt.step()
         if callback is not None:
             callback(step, theta.detach())

@@ -36,11 +36,12 @@ from torch import Tensor
 from inference.errors import InnerLoopDivergedError
 from inference.gauss_newton import gauss_newton_fit
 from models.guides import Guide
+from models.local_reparam import local_forward, supports_local_noise
 from models.hierarchical import HierarchicalModel
 from models.posterior import Posterior
 
 __all__ = ["InnerConfig", "InnerLoopDivergedError", "INNER_METHODS", "fit_posterior", "negative_elbo", "make_optimizer",
-           "NoiseFn"]
+           "NoiseFn", "clip_per_task", "CommonNoise", "standard_normal"]
 
 #: inner-update methods (:class:`InnerConfig` ``method``)
 INNER_METHODS = ("gauss-newton", "svi")
@@ -69,9 +70,14 @@ class InnerConfig:
         elbo: ``"auto"`` (analytic torch fast path where it applies, else Pyro) or ``"pyro"`` (always traced).
         scale_lr: learning rate of the guide's scale parameters (``rho`` / ``log_scale``, Cholesky factors);
             ``None`` means ``lr``.
-        clip_norm: clip each task's gradient (over all its guide parameters) to this norm before the step;
-            ``None`` = no clipping. Per task, so the batched update stays T independent updates. Guards SGD
-            against the rare task whose likelihood curvature exceeds the step size's stability bound.
+        clip_norm: clip each task's gradient to this norm before the step, the location parameters and the scale
+            parameters separately (so that noisy scale gradients do not shrink the mean's step); ``None`` = no
+            clipping. Per task, so the batched update stays T independent updates. Guards SGD against the rare
+            task whose likelihood curvature exceeds the step size's stability bound.
+        estimator: how SVI estimates the likelihood term of a mean-field guide: ``"local"`` (the paper's
+            appendix B.7: local reparameterisation for MLPs, Flipout for modules with ``forward_flipout`` such as
+            :class:`~models.conv.Conv4`; :mod:`models.local_reparam`) or ``"reparam"`` (one weight sample per
+            Monte-Carlo sample and task). ``local`` falls back to ``reparam`` where it does not apply.
         imaml_lambda: iMAML's proximal regularisation ``lambda`` of the inner problem (Rajeswaran et al. 2019).
             10 suits the sinusoid with 20 SGD steps at 0.005 (``lambda ~ 1 / (K lr)``); their Omniglot runs use 2.0.
         cg_steps: iMAML's conjugate-gradient iterations for the implicit meta-gradient (their default 5).
@@ -91,10 +97,15 @@ class InnerConfig:
     cg_steps: int = 5
     method: str = "svi"
     line_search: int = 4
+    estimator: str = "local"
 
     def __post_init__(self) -> None:
         if self.method not in INNER_METHODS:
             raise ValueError(f"unknown inner method {self.method!r}; choose one of {', '.join(INNER_METHODS)}")
+        if self.estimator not in ("local", "reparam"):
+            raise ValueError(f"unknown estimator {self.estimator!r}; choose 'local' or 'reparam'")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm={self.clip_norm} must be > 0 (or None for no clipping)")
         if self.line_search < 0:
             raise ValueError(f"line_search={self.line_search} must be >= 0 (the number of step halvings)")
         if self.elbo not in ("auto", "pyro"):
@@ -194,7 +205,48 @@ def _analytic_negative_elbo(model, guide, params, x, y, prior, noise) -> Tensor 
     return kl - model.log_likelihood(theta, x, y).mean(0).sum()
 
 
-def _standard_normal(generator: torch.Generator | None, like: Tensor) -> NoiseFn:
+class CommonNoise:
+    """Common random numbers for two inner fits (GEM-BML+'s q1 and q2): the second fit replays the first's draws.
+
+    ``first`` and ``second`` are :data:`NoiseFn` s. Every draw of ``first`` is recorded in order; ``second``'s
+    ``k``-th draw is ``first``'s ``k``-th where the shapes match (the leading dims where only the last differs in
+    size, e.g. more query points), and a fresh draw from the underlying stream otherwise. With the same noise in
+    both fits, the Monte-Carlo errors of ``g(q2)`` and ``g(q1)`` are correlated and largely cancel in the
+    difference.
+    """
+
+    def __init__(self, draw: NoiseFn):
+        self.draw, self.recorded, self.index = draw, [], 0
+
+    def first(self, step: int, shape: torch.Size) -> Tensor:
+        eps = self.draw(step, shape)
+        self.recorded.append(eps)
+        return eps
+
+    def second(self, step: int, shape: torch.Size) -> Tensor:
+        old = self.recorded[self.index] if self.index < len(self.recorded) else None
+        self.index += 1
+        if old is not None and old.shape == shape:
+            return old
+        eps = self.draw(step, shape)
+        if old is not None and old.dim() == eps.dim() and old.shape[:-2] == shape[:-2] and old.shape[-1] == shape[-1]:
+            rows = min(old.shape[-2], shape[-2])  # e.g. [S, T, N, units]: the support points keep their noise
+            eps[..., :rows, :] = old[..., :rows, :]
+        return eps
+
+
+def _local_negative_elbo(model: HierarchicalModel, guide: Guide, params: dict[str, Tensor], x: Tensor, y: Tensor,
+                         prior: dist.TorchDistribution, num_samples: int, draw) -> Tensor:
+    """The mean-field negative ELBO with the likelihood term by local reparameterisation / Flipout
+    (:mod:`models.local_reparam`) and the KL in closed form (as :func:`_analytic_negative_elbo`)."""
+    mu, sigma = _diagonal_normal(prior)
+    loc, log_s = guide.moments(params)
+    kl = (sigma.log() - log_s + (torch.exp(2 * log_s) + (loc - mu).pow(2)) / (2 * sigma.pow(2)) - 0.5).sum()
+    pred = local_forward(model.net, loc, log_s.exp(), x, num_samples, draw)
+    return kl - model.likelihood.log_prob(pred, y).mean(0).sum()
+
+
+def standard_normal(generator: torch.Generator | None, like: Tensor) -> NoiseFn:
     def draw(step: int, shape: torch.Size) -> Tensor:
         return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
     return draw
@@ -215,7 +267,7 @@ def _diverged_tasks(model: HierarchicalModel, guide: Guide, params: dict[str, Te
     return bad.nonzero().flatten().tolist()
 
 
-def _clip_per_task(params: list[Tensor], max_norm: float) -> None:
+def clip_per_task(params: list[Tensor], max_norm: float) -> None:
     """Scale each task's gradient (row ``t`` of every parameter) to norm at most ``max_norm``, in place."""
     norms = torch.sqrt(sum(p.grad.pow(2).flatten(1).sum(1) for p in params))
     factor = (max_norm / (norms + 1e-12)).clamp(max=1.0)
@@ -283,27 +335,34 @@ def fit_posterior(
         return _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace)
     params = guide.init_params(start, _whitening_reference(prior, start))
     scale_lr = config.lr if config.scale_lr is None else config.scale_lr
-    trainable = [p for p in params.values() if p.requires_grad]
     location = [p for n, p in params.items() if n in ("loc", "z")]
     others = [p for n, p in params.items() if n not in ("loc", "z") and p.requires_grad]
     groups = [{"params": location, "lr": config.lr}] + ([{"params": others, "lr": scale_lr}] if others else [])
     opt = make_optimizer(config.optimizer, groups, config.lr)
-    draw = noise or _standard_normal(generator, start.loc)
+    draw = noise or standard_normal(generator, start.loc)
     shape = torch.Size((config.num_samples, *start.loc.shape[:-1], guide.noise_size(start.loc.shape[-1])))
+    local = (config.estimator == "local" and guide.name == "meanfield" and config.elbo == "auto" and config.analytic_kl
+             and _diagonal_normal(prior) is not None and supports_local_noise(model.net))
     if callback is not None:
         callback(0, guide.posterior(params).detach())
     for step in range(1, steps + 1):
-        eps = draw(step, shape) if guide.stochastic else None
         opt.zero_grad(set_to_none=True)
-        loss = negative_elbo(model, guide, params, x, y, prior, eps, config.analytic_kl, config.elbo)
+        if local:
+            loss = _local_negative_elbo(model, guide, params, x, y, prior, config.num_samples,
+                                        lambda size, step=step: draw(step, size))
+        else:
+            eps = draw(step, shape) if guide.stochastic else None
+            loss = negative_elbo(model, guide, params, x, y, prior, eps, config.analytic_kl, config.elbo)
         loss.backward()
         if not torch.isfinite(loss):
             raise InnerLoopDivergedError(
                 f"inner loop diverged at step {step} of {steps}: the ELBO is {loss.item()} for task(s) "
                 f"{_diverged_tasks(model, guide, params, x, y) or 'unknown'}; "
                 f"lower the inner learning rate (now {config.lr})")
-        if config.clip_norm is not None:
-            _clip_per_task(trainable, config.clip_norm)
+        if config.clip_norm is not None:  # location and scale separately
+            for group in (location, others):
+                if group:
+                    clip_per_task(group, config.clip_norm)
         opt.step()
         if callback is not None:
             callback(step, guide.posterior(params).detach())

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from inference.batch import TaskBatch, check_task_data
 from inference.bmaml import bmaml_adapt, bmaml_gradient
 from inference.elbo_gradient import abml_gradient
-from inference.gem import GEM_PLUS_MODES, gem_bml_gradient, gem_plus_gradient
+from inference.gem import GEM_PLUS_MODES, LIKELIHOOD_PREFIX, gem_bml_gradient, gem_plus_gradient
 from inference.imaml import imaml_adapt, imaml_gradient
 from inference.inner import InnerConfig, fit_posterior, make_optimizer
 from inference.maml import fomaml_gradient, maml_gradient, sgd_adapt
@@ -130,9 +130,11 @@ def prior_defaults(algorithm: str, inner_method: str) -> PriorDefaults:
     return PriorDefaults(0.1 if name == "bmaml" else 0.02, 0.1, 0.5, "sequential")
 
 
-def step_prior(prior: Prior, optimizer: torch.optim.Optimizer, grads: dict[str, Tensor], context: str) -> float:
+def step_prior(prior: Prior, optimizer: torch.optim.Optimizer, grads: dict[str, Tensor], context: str,
+               likelihood: Likelihood | None = None) -> float:
     """Hand ``grads`` (descent direction of the meta-loss) to the meta-optimizer, project the prior; the grad norm.
 
+    Keys are the prior's parameter names, or ``"likelihood.<name>"`` for the likelihood's learned parameters.
     A NaN / inf gradient raises a ``FloatingPointError`` that names the parameters and ``context``.
     """
     if not torch.isfinite(sum(g.sum() for g in grads.values())):
@@ -140,6 +142,8 @@ def step_prior(prior: Prior, optimizer: torch.optim.Optimizer, grads: dict[str, 
         raise FloatingPointError(f"meta-gradient of {bad} has NaN/inf {context}; lower the inner learning rate")
     optimizer.zero_grad(set_to_none=True)
     params = dict(prior.named_parameters())
+    if likelihood is not None:
+        params.update({LIKELIHOOD_PREFIX + n: p for n, p in likelihood.named_parameters()})
     for name, g in grads.items():
         params[name].grad = g.detach()
     optimizer.step()
@@ -229,10 +233,17 @@ class MetaLearner:
                              f"{type(self.prior).__name__}: use gem-bml or gem-bml+ for other priors")
         if isinstance(self.guide, str):
             self.guide = make_guide(self.guide)
+        if self.likelihood.learnable and self.algorithm not in ("gem-bml", "gem-bml+"):
+            raise ValueError(f"a learned likelihood scale is meta-learned by GEM (gem-bml, gem-bml+) through Fisher's "
+                             f"identity; {self.algorithm!r} does not learn it: use a fixed scale (learn_scale=False)")
         self.model = HierarchicalModel(batched, self.prior, self.likelihood)
-        self.optimizer = make_optimizer(self.meta_optimizer, self.prior.parameters(), self.meta_lr)
+        self.optimizer = make_optimizer(self.meta_optimizer, self.meta_parameters(), self.meta_lr)
 
     # ----------------------------------------------------------------------------------------- meta-train
+    def meta_parameters(self) -> list[Tensor]:
+        """What the meta-optimizer moves: the prior's hyperparameters and the likelihood's learned ones."""
+        return list(self.prior.parameters()) + [p for p in self.likelihood.parameters() if p.requires_grad]
+
     def meta_gradient(self, batch: TaskBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """The meta-loss gradient ``{name: grad}`` (descent direction, averaged over the batch's tasks)."""
         model, guide, cfg, name = self.model, self.guide, self.inner, self.algorithm
@@ -268,7 +279,7 @@ class MetaLearner:
         the ranks of a distributed run, :mod:`hbmeta.distributed`) takes exactly the same update.
         """
         norm = step_prior(self.prior, self.optimizer, grads,
-                          f"at iteration {self.iteration} ({self.algorithm}, inner lr {self.inner.lr})")
+                          f"at iteration {self.iteration} ({self.algorithm}, inner lr {self.inner.lr})", self.likelihood)
         self.iteration += 1
         return {"grad_norm": norm}
 
@@ -347,14 +358,17 @@ class MetaLearner:
 
     # ---------------------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
-        return {"prior": self.prior.state_dict(), "optimizer": self.optimizer.state_dict(), "iteration": self.iteration}
+        return {"prior": self.prior.state_dict(), "likelihood": self.likelihood.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "iteration": self.iteration}
 
     def load_state_dict(self, state: dict) -> None:
         self.prior.load_state_dict(state["prior"])
+        if "likelihood" in state:  # (checkpoints from before likelihoods had state carry none)
+            self.likelihood.load_state_dict(state["likelihood"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
 
     def to(self, device: torch.device | str) -> "MetaLearner":
         self.model.to(device)
-        self.optimizer = make_optimizer(self.meta_optimizer, self.prior.parameters(), self.meta_lr)
+        self.optimizer = make_optimizer(self.meta_optimizer, self.meta_parameters(), self.meta_lr)
         return self

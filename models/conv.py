@@ -140,10 +140,21 @@ class Conv4(nn.Module):
         squeeze = theta.dim() == 2
         if squeeze:
             theta = theta.unsqueeze(0)
-        num_samples, num_tasks, num_images = theta.shape[0], theta.shape[1], x.shape[1]
+        num_samples, num_tasks = theta.shape[0], theta.shape[1]
         groups = num_tasks * num_samples
         params = iter(torch.split(theta.transpose(0, 1), self._sizes, dim=-1))  # each [T, B, size], task-major
+        h = self._body(params, x, num_samples)                                    # [G, N, hidden]
+        weight = next(params).reshape(groups, self.num_classes, self.hidden)
+        bias = next(params).reshape(groups, 1, self.num_classes)
+        logits = torch.baddbmm(bias, h, weight.transpose(-1, -2))  # [G, N, K]
+        logits = logits.unflatten(0, (num_tasks, num_samples)).transpose(0, 1)  # [B, T, N, K]
+        return logits.squeeze(0) if squeeze else logits
 
+    def _body(self, params, x: Tensor, num_samples: int) -> Tensor:
+        """The four conv blocks for ``G = T * B`` weight sets (``params`` yields each block's tensors, task-major):
+        features ``[G, N, hidden]``."""
+        num_tasks, num_images = x.shape[0], x.shape[1]
+        groups = num_tasks * num_samples
         h = x.transpose(0, 1).reshape(num_images, num_tasks * self.in_channels, *x.shape[-2:])  # [N, T*C, H, W]
         conv_groups = num_tasks  # layer 1: the B weight sets of task t share its images
         for block in self.features:
@@ -157,9 +168,34 @@ class Conv4(nn.Module):
                 h = F.max_pool2d(h, 2)  # before the ReLU: the two commute, and the ReLU runs on 1/4 of the values
             h = F.relu(h)
             conv_groups = groups
-        h = self._pool(h.unflatten(1, (groups, self.filters)))  # [N, G, hidden]
-        weight = next(params).reshape(groups, self.num_classes, self.hidden)
-        bias = next(params).reshape(groups, 1, self.num_classes)
-        logits = torch.baddbmm(bias, h.transpose(0, 1), weight.transpose(-1, -2))  # [G, N, K]
-        logits = logits.unflatten(0, (num_tasks, num_samples)).transpose(0, 1)  # [B, T, N, K]
-        return logits.squeeze(0) if squeeze else logits
+        return self._pool(h.unflatten(1, (groups, self.filters))).transpose(0, 1)  # [G, N, hidden]
+
+    def forward_flipout(self, loc: Tensor, delta: Tensor, x: Tensor, draw) -> Tensor:
+        r"""Logits ``[B, T, N, K]`` for ``B`` samples of ``q = N(loc, s^2)``, ``delta [B, T, P] = s * eps``, with
+        Flipout (Wen et al. 2018) in the classifier head.
+
+        The convolutions share one weight sample ``loc + delta`` per sample and task: batch norm normalises each
+        image with statistics of the whole support set, so per-image weight flips there would change every
+        image's output distribution (measured: a 1% bias in the expected log-likelihood and no lower variance).
+        The head acts on each image alone, so there each image ``n`` gets
+        :math:`W_n = \bar W + \Delta W \odot r_n s_n^\top` (signs of ``draw(shape)``), computed as
+        :math:`h_n \bar W^\top + r_n \odot ((h_n \odot s_n) \Delta W^\top)`: unbiased, with the images' noise
+        in the head decorrelated (:mod:`models.local_reparam`).
+        """
+        self._check_images(x, ("T", "N"))
+        num_samples, num_tasks, num_images = delta.shape[0], x.shape[0], x.shape[1]
+        groups = num_tasks * num_samples
+        theta = (loc.unsqueeze(0) + delta).transpose(0, 1)                     # [T, B, P]
+        params = iter(torch.split(theta, self._sizes, dim=-1))
+        h = self._body(params, x, num_samples)                                  # [G, N, hidden]
+        head = self._sizes[-2] + self._sizes[-1]
+        w_bar, b_bar = torch.split(loc[:, -head:].unsqueeze(1).expand(num_tasks, num_samples, head),
+                                   self._sizes[-2:], dim=-1)
+        w_delta, b_delta = torch.split(delta[..., -head:].transpose(0, 1), self._sizes[-2:], dim=-1)
+        shape = (groups, self.num_classes, self.hidden)
+        flip_in = draw(torch.Size((groups, num_images, self.hidden))).sign()
+        flip_out = draw(torch.Size((groups, num_images, self.num_classes))).sign()
+        logits = torch.baddbmm(b_bar.reshape(groups, 1, -1), h, w_bar.reshape(shape).transpose(-1, -2))
+        perturb = torch.baddbmm(b_delta.reshape(groups, 1, -1), h * flip_in, w_delta.reshape(shape).transpose(-1, -2))
+        logits = logits + flip_out * perturb
+        return logits.unflatten(0, (num_tasks, num_samples)).transpose(0, 1)  # [B, T, N, K]

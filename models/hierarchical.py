@@ -67,4 +67,5 @@ class HierarchicalModel:
     def to(self, device: torch.device | str) -> "HierarchicalModel":
         self.net.to(device)
         self.prior.to(device)
+        self.likelihood.to(device)
         return self

@@ -93,15 +93,26 @@ class Posterior:
     def function_covariance(self, jac: Tensor) -> Tensor:
         r"""Covariance of the linearised outputs ``J (theta - loc)`` per point, ``[T, M, O, O]``, for ``jac [T, M, O, P]``.
 
-        With the linearised posterior attached, :math:`J (\Sigma_0 - U U^\top) J^\top` (correlations kept);
-        otherwise ``J diag(variance) J^T``.
+        With the linearised posterior attached, :math:`J (\Sigma_0 - U U^\top) J^\top` (correlations kept); for a
+        full-covariance or low-rank posterior ``J S J^T``; for a mean-field one ``J diag(variance) J^T``; zero for
+        a point mass.
         """
         if self.has_laplace:
             spread = jac * self.laplace_scale[:, None, None, :]
             down = torch.einsum("tmop,tpr->tmor", jac, self.laplace_factor)
             return spread @ spread.transpose(-1, -2) - down @ down.transpose(-1, -2)
-        spread = jac * self.variance.sqrt()[:, None, None, :]
-        return spread @ spread.transpose(-1, -2)
+        if self.scale_tril is not None:  # full covariance: (J L)(J L)^T
+            spread = torch.einsum("tmop,tpq->tmoq", jac, self.scale_tril)
+            return spread @ spread.transpose(-1, -2)
+        if self.kind == "particles":
+            raise ValueError("a particle posterior has no covariance to push through the Jacobian")
+        diagonal = self.variance if self.cov_factor is None else self.scale.pow(2)
+        spread = jac * diagonal.sqrt()[:, None, None, :]
+        covariance = spread @ spread.transpose(-1, -2)
+        if self.cov_factor is not None:
+            low = torch.einsum("tmop,tpr->tmor", jac, self.cov_factor)
+            covariance = covariance + low @ low.transpose(-1, -2)
+        return covariance
 
     @property
     def num_tasks(self) -> int:

@@ -39,20 +39,34 @@ def test_analytic_fast_path_equals_pyro_trace_mean_field_elbo(float64, guide):
     assert fast.item() == pytest.approx(traced.item(), rel=1e-12)
 
 
-@pytest.mark.parametrize("guide,elbo", [(MeanFieldGuide(), "auto"), (MeanFieldGuide(), "pyro"),
-                                        (DeltaGuide(), "auto"), (FullCovarianceGuide(), "pyro")],
-                         ids=["meanfield-fast", "meanfield-pyro", "delta", "fullcov"])
-def test_batched_plate_svi_equals_separate_per_task_svis(float64, guide, elbo):
+def task_sliced_noise(num_tasks: int, task: int | None = None):
+    """A NoiseFn whose k-th step's i-th draw is one fixed full-batch tensor (task dim 1), or task ``task``'s slice of it:
+    a batched run and per-task runs then see the same numbers whatever the shapes (weights or activations)."""
+    calls: dict[int, int] = {}
+
+    def draw(step, shape):
+        i = calls.get(step, 0)
+        calls[step] = i + 1
+        full = list(shape)
+        full[1] = num_tasks
+        eps = torch.randn(full, generator=torch.Generator().manual_seed(1000 * step + i), dtype=torch.float64)
+        return eps if task is None else eps[:, task:task + 1]
+    return draw
+
+
+@pytest.mark.parametrize("guide,elbo,estimator", [(MeanFieldGuide(), "auto", "reparam"), (MeanFieldGuide(), "auto", "local"),
+                                                  (MeanFieldGuide(), "pyro", "reparam"), (DeltaGuide(), "auto", "reparam"),
+                                                  (FullCovarianceGuide(), "pyro", "reparam")],
+                         ids=["meanfield-fast", "meanfield-local", "meanfield-pyro", "delta", "fullcov"])
+def test_batched_plate_svi_equals_separate_per_task_svis(float64, guide, elbo, estimator):
     model = _model(hidden=(4,)) if guide.name == "fullcov" else _model()
     x, y = _data(num_tasks=3)
-    steps, samples, num_params = 6, 2, model.prior.num_params
-    noise = torch.randn(steps, samples, 3, num_params, generator=torch.Generator().manual_seed(1))
-    config = InnerConfig(steps=steps, lr=0.01, optimizer="adam", num_samples=samples, elbo=elbo)
+    config = InnerConfig(steps=6, lr=0.01, optimizer="adam", num_samples=2, elbo=elbo, estimator=estimator)
     start = model.prior.initial_posterior(3)
-    batched = fit_posterior(model, guide, x, y, start, config=config, noise=lambda k, shape: noise[k - 1])
+    batched = fit_posterior(model, guide, x, y, start, config=config, noise=task_sliced_noise(3))
     for t in range(3):
         single = fit_posterior(model, guide, x[t:t + 1], y[t:t + 1], start.select(t), config=config,
-                               noise=lambda k, shape, t=t: noise[k - 1][:, t:t + 1])
+                               noise=task_sliced_noise(3, t))
         torch.testing.assert_close(single.loc, batched.loc[t:t + 1], rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(single.variance, batched.variance[t:t + 1], rtol=1e-9, atol=1e-11)
 
