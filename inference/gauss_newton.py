@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from inference.errors import InnerLoopDivergedError
+from inference.gauss_newton_cg import cg_direction
 from models.hierarchical import HierarchicalModel
 from models.jacobian import output_jacobian
 from models.posterior import Posterior
@@ -127,6 +128,10 @@ def gauss_newton_fit(
     halvings: int = 4,
     callback: Callable[[int, Posterior], None] | None = None,
     laplace: bool = False,
+    solver: str = "woodbury",
+    cg_steps: int = 3,
+    probes: int = 1,
+    generator: torch.Generator | None = None,
 ) -> Posterior:
     r"""Run ``steps`` Gauss-Newton VI steps for every task at once from ``start``; the detached posteriors.
 
@@ -142,7 +147,15 @@ def gauss_newton_fit(
         laplace: also keep the linearised model's full Gaussian posterior, :math:`(\Lambda_0 + G^\top G)^{-1}` as
             ``diag(laplace_scale^2) - laplace_factor laplace_factor^T`` (``[T, P, N O]``), for the linearised
             posterior predictive (:meth:`inference.learner.MetaLearner.predict`). Meta-training does not need it.
+        solver: ``"woodbury"`` (the exact solve through the Jacobian) or ``"cg"`` (matrix-free truncated conjugate
+            gradients with ``cg_steps`` iterations and a Hutchinson diagonal from ``probes`` Rademacher probes drawn
+            from ``generator``; :mod:`inference.gauss_newton_cg`). ``cg`` gives mean-field or point-mass posteriors
+            and no linearised posterior.
     """
+    if solver not in ("woodbury", "cg"):
+        raise ValueError(f"unknown Gauss-Newton solver {solver!r}; choose 'woodbury' or 'cg'")
+    if solver == "cg" and kind == "full":
+        raise ValueError("the matrix-free Gauss-Newton solver gives mean-field or point-mass posteriors, not full ones")
     m = start.loc.detach().clone()
     prior_var = prior_var.detach().expand_as(m)
     prior_loc = prior_loc.detach()
@@ -154,14 +167,19 @@ def gauss_newton_fit(
         if callback is not None:
             callback(0, posterior)
         for step in range(1, steps + 1):
-            direction, scaled, chol = gauss_newton_direction(model, m, x, y, prior_loc, prior_var)
+            if solver == "cg":
+                direction, diagonal = cg_direction(model, m, x, y, prior_loc, prior_var, cg_steps, probes, generator)
+            else:
+                direction, scaled, chol = gauss_newton_direction(model, m, x, y, prior_loc, prior_var)
             if not torch.isfinite(direction.sum()):
                 bad = (~torch.isfinite(direction).all(1)).nonzero().flatten().tolist()
                 raise InnerLoopDivergedError(f"Gauss-Newton inner update produced NaN/inf at step {step} of {steps} "
                                              f"for task(s) {bad}; check the data and the prior scale")
             m, current, reach = _line_search(model, m, direction, reach, current, candidates, x, y, prior_loc,
                                              prior_var)
-            if step == steps or callback is not None:
+            if (step == steps or callback is not None) and solver == "cg":
+                posterior = Posterior(m) if kind == "delta" else Posterior(m, (1.0 / (1.0 / prior_var + diagonal)).sqrt())
+            elif step == steps or callback is not None:
                 posterior = _posterior(kind, m, prior_var, scaled, chol, laplace)
             if callback is not None:
                 callback(step, posterior)

@@ -80,8 +80,14 @@ class InnerConfig:
             Monte-Carlo sample and task). ``local`` falls back to ``reparam`` where it does not apply.
         imaml_lambda: iMAML's proximal regularisation ``lambda`` of the inner problem (Rajeswaran et al. 2019).
             10 suits the sinusoid with 20 SGD steps at 0.005 (``lambda ~ 1 / (K lr)``); their Omniglot runs use 2.0.
-        cg_steps: iMAML's conjugate-gradient iterations for the implicit meta-gradient (their default 5).
+        cg_steps: conjugate-gradient iterations: iMAML's implicit meta-gradient (their default 5), and the Gauss-Newton
+            ``cg`` solver's.
         line_search: Gauss-Newton's backtracking candidates ``1, 1/2, ..., 2^-line_search``.
+        solver: how Gauss-Newton solves for its step: ``"woodbury"`` (exact, through the Jacobian; small outputs x
+            points), ``"cg"`` (matrix-free conjugate gradients with ``cg_steps`` iterations and a Hutchinson
+            diagonal from ``probes`` probes; :mod:`inference.gauss_newton_cg`) or ``"auto"``: ``woodbury`` for plain
+            MLPs, ``cg`` for other networks (conv4, whose batch norm makes every Jacobian row a full backward).
+        probes: Rademacher probes of the ``cg`` solver's Hutchinson diagonal.
     """
 
     steps: int = 5
@@ -98,10 +104,15 @@ class InnerConfig:
     method: str = "svi"
     line_search: int = 4
     estimator: str = "local"
+    solver: str = "auto"
+    probes: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in INNER_METHODS:
             raise ValueError(f"unknown inner method {self.method!r}; choose one of {', '.join(INNER_METHODS)}")
+        if self.solver not in ("auto", "woodbury", "cg") or self.probes < 1:
+            raise ValueError(f"bad Gauss-Newton solver settings: solver={self.solver!r} (auto, woodbury or cg), "
+                             f"probes={self.probes} (>= 1)")
         if self.estimator not in ("local", "reparam"):
             raise ValueError(f"unknown estimator {self.estimator!r}; choose 'local' or 'reparam'")
         if self.clip_norm is not None and not self.clip_norm > 0:
@@ -278,7 +289,7 @@ def clip_per_task(params: list[Tensor], max_norm: float) -> None:
 _GAUSS_NEWTON_KINDS = {"meanfield": "meanfield", "delta": "delta", "fullcov": "full"}
 
 
-def _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace) -> Posterior:
+def _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace, generator) -> Posterior:
     """:func:`inference.gauss_newton.gauss_newton_fit` for a diagonal Gaussian prior and a supported guide."""
     moments = _diagonal_normal(prior)
     if moments is None:
@@ -288,8 +299,10 @@ def _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, lap
         raise ValueError(f"the Gauss-Newton inner update fits a meanfield, delta or fullcov guide; got {guide.name!r}: "
                          f"use InnerConfig(method='svi') for it")
     loc, scale = moments
+    solver = config.solver if config.solver != "auto" else ("woodbury" if model.net.is_plain_mlp else "cg")
     return gauss_newton_fit(model, x, y, start, loc, scale.pow(2), steps, _GAUSS_NEWTON_KINDS[guide.name],
-                            config.line_search, callback, laplace)
+                            config.line_search, callback, laplace and solver == "woodbury", solver, config.cg_steps,
+                            config.probes, generator)
 
 
 def fit_posterior(
@@ -332,7 +345,7 @@ def fit_posterior(
         with torch.no_grad():
             prior = model.prior.distribution(x.shape[0])
     if config.method == "gauss-newton":
-        return _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace)
+        return _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace, generator)
     params = guide.init_params(start, _whitening_reference(prior, start))
     scale_lr = config.lr if config.scale_lr is None else config.scale_lr
     location = [p for n, p in params.items() if n in ("loc", "z")]

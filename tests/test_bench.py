@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from hbmeta.bench import LOWER_BOUND, PYRO_TRACED, StepBenchConfig, format_step_table, peak_saved_bytes, run_step_benchmark, write_step_benchmark
+from hbmeta.bench import (LOWER_BOUND, PYRO_TRACED, SVI, StepBenchConfig, format_step_table, peak_saved_bytes,
+                          run_step_benchmark, write_step_benchmark)
 
-ALGORITHMS = ("gem-bml+", PYRO_TRACED, "maml", "fomaml", "reptile", "abml")
+ALGORITHMS = ("gem-bml+", SVI, PYRO_TRACED, "maml", "fomaml", "reptile", "abml")
 
 
 @pytest.fixture(scope="module")
@@ -19,22 +20,29 @@ def result():
 
 
 def saved(result, name, steps):
-    return next(r["saved_bytes"] for r in result["rows"] if r["algorithm"] == name and r["steps"] == steps)
+    return next(r["saved_bytes"] for r in result["rows"] if r["algorithm"] == name and r["steps"] == steps
+                and not r.get("default_steps"))
 
 
 def test_step_benchmark_has_a_row_per_algorithm_and_step_count(result):
-    pairs = {(r["algorithm"], r["steps"]) for r in result["rows"]}
+    pairs = {(r["algorithm"], r["steps"]) for r in result["rows"] if not r["default_steps"]}
     assert pairs == {(n, k) for n in (*ALGORITHMS, LOWER_BOUND) for k in (1, 3)}
+    defaults = {(r["algorithm"], r["steps"]) for r in result["rows"] if r["default_steps"]}
+    assert defaults == {("gem-bml+", 2), ("maml", 5)}  # each at its own default inner steps too
     for r in result["rows"]:
         assert r["ms_per_iter"] > 0 and len(r["ms_all"]) == 1 and r["saved_bytes"] > 0
+    for k in (1, 3):  # Gauss-Newton VI builds no graph of the inner loop: a few KB against SVI's
+        assert saved(result, "gem-bml+", k) < 0.05 * saved(result, SVI, k)
     assert set(result["lower_bound_ratio"]) == {"1", "3"}
-    assert {"gem_memory_flat", "hbmeta_within_1.3x_lower_bound"} <= set(result["targets"])
+    assert {"gem_memory_flat", "hbmeta_within_1.3x_lower_bound", "gem_time_within_1.5x_maml_at_defaults"} <= set(
+        result["targets"])
 
 
 def test_maml_saved_memory_grows_with_inner_steps_gem_plus_does_not(result):
     assert saved(result, "maml", 3) > saved(result, "maml", 1)
     assert saved(result, "abml", 3) > saved(result, "abml", 1)
     assert saved(result, "gem-bml+", 3) == saved(result, "gem-bml+", 1)
+    assert saved(result, SVI, 3) == saved(result, SVI, 1) > 0
     assert saved(result, LOWER_BOUND, 3) == saved(result, LOWER_BOUND, 1)
     assert result["targets"]["gem_memory_flat"]["met"] is True
 
