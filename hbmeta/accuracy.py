@@ -3,8 +3,10 @@ r"""``hbmeta bench accuracy``: every algorithm on the same tasks, seeds and budg
 Benchmarks (:data:`BENCHMARKS`): ``sinusoid`` and ``sinusoid-challenging`` (GEM-BML section 5.1), ``omniglot-5w1s``
 and ``omniglot-5w5s`` (section 5.2). Budgets (:data:`BUDGETS`): ``small`` fits a 2-core CPU (sinusoid 4000 x 25
 tasks, Omniglot 5w1s 1500 x 8, 5w5s 300 x 8); ``paper`` is the paper's (40000 x 25 on sinusoid, appendix C.4;
-Omniglot 60000 x 32 / x 16 as in MAML's code), for a GPU.
+Omniglot 60000 x 32 / x 16 as in MAML's code), for a GPU; ``gpu`` is what one short GPU lease holds
+(``scripts/gpu_check.sh``); ``smoke`` checks the wiring.
 
+Omniglot meta-trains with 5 query images per class (the CPU budget) and is evaluated with 15 (the paper's).
 Every ``(benchmark, algorithm, seed)`` is an ordinary run folder, ``OUT/runs/<benchmark>/<algorithm>/seed<k>``
 (``config.json``, ``metrics.jsonl``, a checkpoint every ``checkpoint_every`` iterations), and its own result,
 ``result.json``: the meta-test metric after 0/1/5/10 adaptation steps on the *same* held-out tasks for every
@@ -38,15 +40,19 @@ __all__ = ["BENCHMARKS", "BUDGETS", "ALGORITHMS", "AccuracyBenchConfig", "run_ac
 BENCHMARKS: dict[str, tuple[str, dict]] = {
     "sinusoid": ("sinusoid", {}),
     "sinusoid-challenging": ("sinusoid-challenging", {}),
-    "omniglot-5w1s": ("omniglot", {"ways": 5, "k_shot": 1}),
-    "omniglot-5w5s": ("omniglot", {"ways": 5, "k_shot": 5}),
+    "omniglot-5w1s": ("omniglot", {"ways": 5, "k_shot": 1, "k_query": 5}),
+    "omniglot-5w5s": ("omniglot", {"ways": 5, "k_shot": 5, "k_query": 5}),
 }
+#: query points per class (classification) or per task at meta-test, for every run alike
+TEST_QUERIES = {"accuracy": 15}
 #: budget -> benchmark -> (meta-iterations, meta-batch)
 BUDGETS: dict[str, dict[str, tuple[int, int]]] = {
     "small": {"sinusoid": (4000, 25), "sinusoid-challenging": (4000, 25), "omniglot-5w1s": (1500, 8),
               "omniglot-5w5s": (300, 8)},
     "paper": {"sinusoid": (40000, 25), "sinusoid-challenging": (40000, 25), "omniglot-5w1s": (60000, 32),
               "omniglot-5w5s": (60000, 16)},
+    "gpu": {"sinusoid": (20000, 25), "sinusoid-challenging": (20000, 25), "omniglot-5w1s": (3000, 32),
+            "omniglot-5w5s": (3000, 16)},
     "smoke": {"sinusoid": (3, 4), "sinusoid-challenging": (3, 4), "omniglot-5w1s": (2, 2), "omniglot-5w5s": (2, 2)},
 }
 ALGORITHMS = ("gem-bml+", "gem-bml", "maml", "fomaml", "reptile")
@@ -95,10 +101,13 @@ def run_dir(config: AccuracyBenchConfig, benchmark: str, algorithm: str, seed: i
     return Path(config.out) / "runs" / benchmark / algorithm / f"seed{seed}"
 
 
-def _evaluate(learner, train_config: TrainConfig, num_tasks: int) -> dict:
+def _evaluate(learner, train_config: TrainConfig, metric: str, num_tasks: int) -> dict:
+    from dataclasses import replace
+
     from hbmeta.evaluate import evaluate_experiment
 
-    return {str(k): v for k, v in evaluate_experiment(learner, train_config, STEPS, num_tasks, seed=TEST_SEED).items()}
+    config = replace(train_config, k_query=TEST_QUERIES[metric]) if metric in TEST_QUERIES else train_config
+    return {str(k): v for k, v in evaluate_experiment(learner, config, STEPS, num_tasks, seed=TEST_SEED).items()}
 
 
 def run_one(config: AccuracyBenchConfig, benchmark: str, algorithm: str, seed: int) -> dict:
@@ -122,7 +131,7 @@ def run_one(config: AccuracyBenchConfig, benchmark: str, algorithm: str, seed: i
     resume = (folder / CHECKPOINT).exists()
     trained = train(train_config, folder, resume=resume, progress=config.progress)
     seconds = _train_seconds(folder) if resume else trained.seconds
-    evaluation = _evaluate(trained.learner, train_config, config.test_tasks[metric])
+    evaluation = _evaluate(trained.learner, train_config, metric, config.test_tasks[metric])
     result = {**_comparable(settings), "benchmark": benchmark, "algorithm": algorithm, "seed": seed, "metric": metric,
               "train_seconds": seconds, "wall_seconds": time.perf_counter() - began, "evaluation": evaluation,
               "prior_scale_median": _median_scale(trained.learner)}
