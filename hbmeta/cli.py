@@ -60,6 +60,8 @@ def _add_train(sub) -> None:
     p.add_argument("--learn-likelihood", action="store_true",
                    help="meta-learn the Gaussian noise sd (regression) or the softmax temperature (classification) "
                         "by GEM's Fisher identity (gem-bml, gem-bml+)")
+    p.add_argument("--inner-variance", default="meanfield", choices=["meanfield", "marginal"],
+                   help="Gauss-Newton VI's guide variances: the KL-optimal mean-field ones or the exact marginals")
     p.add_argument("--inner-method", default=None, choices=["gauss-newton", "svi"],
                    help="Bayesian inner update; default gauss-newton for gem-bml(+) with the diagonal prior")
     p.add_argument("--guide", default=d.guide, help="meanfield, delta, fullcov or lowrank")

@@ -53,6 +53,7 @@ class TrainConfig:
     data_root: str | None = None
     split: str = "paper"
     inner_method: str | None = None  # "gauss-newton" or "svi" (inference.inner.INNER_METHODS); None: the algorithm's
+    inner_variance: str = "meanfield"  # Gauss-Newton's guide variances: meanfield or marginal (InnerConfig.variance)
     inner_steps: int | None = None
     inner_lr: float | None = None
     inner_optimizer: str | None = None
@@ -155,7 +156,7 @@ class TrainConfig:
         return self.max_prior_scale if self.max_prior_scale and self.max_prior_scale > 0 else None
 
     def inner(self) -> InnerConfig:
-        return InnerConfig(method=self.inner_method, steps=self.inner_steps, lr=self.inner_lr, optimizer=self.inner_optimizer,
+        return InnerConfig(method=self.inner_method, variance=self.inner_variance, steps=self.inner_steps, lr=self.inner_lr, optimizer=self.inner_optimizer,
                            num_samples=self.num_samples, clip_norm=self.clip_norm, scale_lr=self.inner_scale_lr,
                            imaml_lambda=self.imaml_lambda, cg_steps=self.cg_steps)
 

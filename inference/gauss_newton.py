@@ -132,6 +132,7 @@ def gauss_newton_fit(
     cg_steps: int = 3,
     probes: int = 1,
     generator: torch.Generator | None = None,
+    variance: str = "meanfield",
 ) -> Posterior:
     r"""Run ``steps`` Gauss-Newton VI steps for every task at once from ``start``; the detached posteriors.
 
@@ -151,7 +152,12 @@ def gauss_newton_fit(
             gradients with ``cg_steps`` iterations and a Hutchinson diagonal from ``probes`` Rademacher probes drawn
             from ``generator``; :mod:`inference.gauss_newton_cg`). ``cg`` gives mean-field or point-mass posteriors
             and no linearised posterior.
+        variance: the mean-field guide's variances: ``"meanfield"`` (the KL(q || p)-optimal
+            :math:`1 / \mathrm{diag}(\Lambda_0 + G^\top G)`, the default) or ``"marginal"`` (the linearised
+            posterior's exact marginals :math:`\mathrm{diag}(\Lambda_0 + G^\top G)^{-1}`, Woodbury only).
     """
+    if variance not in ("meanfield", "marginal") or (variance == "marginal" and solver != "woodbury"):
+        raise ValueError(f"variance={variance!r}: choose 'meanfield', or 'marginal' with the woodbury solver")
     if solver not in ("woodbury", "cg"):
         raise ValueError(f"unknown Gauss-Newton solver {solver!r}; choose 'woodbury' or 'cg'")
     if solver == "cg" and kind == "full":
@@ -180,7 +186,7 @@ def gauss_newton_fit(
             if (step == steps or callback is not None) and solver == "cg":
                 posterior = Posterior(m) if kind == "delta" else Posterior(m, (1.0 / (1.0 / prior_var + diagonal)).sqrt())
             elif step == steps or callback is not None:
-                posterior = _posterior(kind, m, prior_var, scaled, chol, laplace)
+                posterior = _posterior(kind, m, prior_var, scaled, chol, laplace, variance)
             if callback is not None:
                 callback(step, posterior)
     return posterior
@@ -219,7 +225,8 @@ def _line_search(model: HierarchicalModel, m: Tensor, direction: Tensor, reach: 
     return m, current, new_reach
 
 
-def _posterior(kind: str, m: Tensor, prior_var: Tensor, scaled: Tensor, chol: Tensor, laplace: bool) -> Posterior:
+def _posterior(kind: str, m: Tensor, prior_var: Tensor, scaled: Tensor, chol: Tensor, laplace: bool,
+               variance: str = "meanfield") -> Posterior:
     r"""The posterior of the step: the guide's family, and on request the linearised model's full Gaussian.
 
     The full covariance is :math:`(\Lambda_0 + G^\top G)^{-1} = \Sigma_0 - U U^\top` with
@@ -228,13 +235,16 @@ def _posterior(kind: str, m: Tensor, prior_var: Tensor, scaled: Tensor, chol: Te
     if kind == "delta":
         return Posterior(m)
     prior_sd = prior_var.sqrt()
-    if kind == "full" or laplace:
+    if kind == "full" or laplace or variance == "marginal":
         factor = prior_sd.unsqueeze(-1) * torch.linalg.solve_triangular(chol, scaled, upper=False).transpose(1, 2)
     if kind == "full":  # P x P per task: small models only
         cov = torch.diag_embed(prior_var) - factor @ factor.transpose(1, 2)
         return Posterior(m, scale_tril=torch.linalg.cholesky(cov))
-    curvature = scaled.pow(2).sum(1) / prior_var                 # diag G^T G
-    scale = (1.0 / (1.0 / prior_var + curvature)).sqrt()
+    if variance == "marginal":                                   # diag (Sigma0 - U U^T)
+        scale = (prior_var - factor.pow(2).sum(-1)).clamp_min(1e-30).sqrt()
+    else:
+        curvature = scaled.pow(2).sum(1) / prior_var             # diag G^T G
+        scale = (1.0 / (1.0 / prior_var + curvature)).sqrt()
     if laplace:
         return Posterior(m, scale, laplace_scale=prior_sd, laplace_factor=factor)
     return Posterior(m, scale)

@@ -88,6 +88,8 @@ class InnerConfig:
             diagonal from ``probes`` probes; :mod:`inference.gauss_newton_cg`) or ``"auto"``: ``woodbury`` for plain
             MLPs, ``cg`` for other networks (conv4, whose batch norm makes every Jacobian row a full backward).
         probes: Rademacher probes of the ``cg`` solver's Hutchinson diagonal.
+        variance: Gauss-Newton's mean-field variances: ``"meanfield"`` (the KL-optimal ``1 / diag(precision)``) or
+            ``"marginal"`` (the linearised posterior's exact marginals; measured worse for GEM-BML+, README).
         safeguard: SVI with a mean-field or Delta guide and a diagonal Gaussian prior: a step is kept for a task only
             if it lowers the task's deterministic objective ``-log p(D | m) + KL(q || p)`` (the ELBO with the
             likelihood at the guide's mean); otherwise it is halved, up to ``line_search`` times, and dropped if none
@@ -113,6 +115,7 @@ class InnerConfig:
     solver: str = "auto"
     probes: int = 1
     safeguard: bool = False
+    variance: str = "meanfield"
 
     def __post_init__(self) -> None:
         if self.method not in INNER_METHODS:
@@ -120,6 +123,8 @@ class InnerConfig:
         if self.solver not in ("auto", "woodbury", "cg") or self.probes < 1:
             raise ValueError(f"bad Gauss-Newton solver settings: solver={self.solver!r} (auto, woodbury or cg), "
                              f"probes={self.probes} (>= 1)")
+        if self.variance not in ("meanfield", "marginal"):
+            raise ValueError(f"unknown variance {self.variance!r}; choose 'meanfield' or 'marginal'")
         if self.estimator not in ("local", "reparam"):
             raise ValueError(f"unknown estimator {self.estimator!r}; choose 'local' or 'reparam'")
         if self.clip_norm is not None and not self.clip_norm > 0:
@@ -348,7 +353,7 @@ def _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, lap
     solver = config.solver if config.solver != "auto" else ("woodbury" if model.net.is_plain_mlp else "cg")
     return gauss_newton_fit(model, x, y, start, loc, scale.pow(2), steps, _GAUSS_NEWTON_KINDS[guide.name],
                             config.line_search, callback, laplace and solver == "woodbury", solver, config.cg_steps,
-                            config.probes, generator)
+                            config.probes, generator, config.variance)
 
 
 def fit_posterior(

@@ -72,6 +72,9 @@ def test_one_gauss_newton_step_is_the_exact_posterior_linear_gaussian():
     precision_diag = torch.diagonal(torch.linalg.inv(truth.covariance), dim1=-2, dim2=-1)
     torch.testing.assert_close(mf.variance, 1 / precision_diag, rtol=1e-10, atol=1e-12)
     assert (mf.variance < truth.variance - 1e-3).any()  # mean-field under-disperses: it is not the marginal
+    marginal = fit_posterior(model, MeanFieldGuide(), x, y, prior.initial_posterior(3),
+                             config=InnerConfig(method="gauss-newton", steps=1, variance="marginal"))
+    torch.testing.assert_close(marginal.variance, truth.variance, rtol=1e-9, atol=1e-12)
     delta = fit_posterior(model, DeltaGuide(), x, y, prior.initial_posterior(3), config=GN)
     assert delta.kind == "delta"
     torch.testing.assert_close(delta.loc, truth.loc, rtol=1e-10, atol=1e-10)
@@ -177,3 +180,23 @@ def test_cg_solver_on_conv4_raises_the_support_likelihood_and_shrinks_the_scales
     before = model.log_likelihood(prior.mu.detach().expand(3, -1), x, y)
     assert (model.log_likelihood(post.loc, x, y) > before + 0.5).all()
     assert (post.scale < prior.scale.detach()).any() and not post.has_laplace
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gauss_newton_meta_step_on_cuda_matches_the_cpu():
+    """The default GEM-BML+ (Gauss-Newton VI) meta-step and the linearised predictive on CUDA equal the CPU's."""
+    from hbmeta.tasks import SinusoidTasks
+    from inference.learner import MetaLearner
+
+    batch = SinusoidTasks().sample(8, torch.Generator().manual_seed(0))
+    learners = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        learner = MetaLearner(mlp(), GaussianLikelihood(0.25)).to(device)
+        for _ in range(3):
+            learner.meta_step(batch)
+        learners[device] = learner
+    torch.testing.assert_close(learners["cuda"].prior.mu.cpu(), learners["cpu"].prior.mu, rtol=1e-4, atol=1e-5)
+    post = learners["cuda"].adapt(batch.x_train, batch.y_train, steps=2)
+    pred = learners["cuda"].predict(post, batch.x_val)
+    assert pred.mean.is_cuda and torch.isfinite(pred.std).all() and post.has_laplace

@@ -103,3 +103,25 @@ def test_inner_config_rejects_unknown_optimizer_and_bad_values():
         InnerConfig(steps=-1)
     with pytest.raises(ValueError, match="unknown elbo"):
         InnerConfig(elbo="jit")
+
+
+def test_safeguarded_svi_never_raises_the_deterministic_objective(float64):
+    """InnerConfig(safeguard=True): Adam at a rate that overshoots keeps only steps that lower
+    -log p(D | m) + KL(q || p) per task; without the safeguard the same run raises it."""
+    from inference.inner import _task_objective
+
+    model = _model()
+    x, y = _data(num_tasks=3)
+    prior = model.prior.distribution(3)
+    for guard in (True, False):
+        values = []
+        config = InnerConfig(steps=12, lr=2.0, optimizer="adam", num_samples=1, safeguard=guard)
+
+        def record(step, post):
+            params = {"loc": post.loc, "log_scale": post.scale.log()}
+            values.append(_task_objective(model, MeanFieldGuide(whiten=False), params, x, y, prior))
+
+        fit_posterior(model, MeanFieldGuide(), x, y, model.prior.initial_posterior(3), config=config,
+                      generator=torch.Generator().manual_seed(0), callback=record)
+        rises = (torch.stack(values).diff(dim=0) > 1e-9).any()
+        assert bool(rises) != guard
