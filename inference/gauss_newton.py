@@ -62,13 +62,14 @@ __all__ = ["gauss_newton_fit", "gauss_newton_direction", "map_objective"]
 def map_objective(model: HierarchicalModel, theta: Tensor, x: Tensor, y: Tensor, prior_loc: Tensor,
                   prior_var: Tensor) -> Tensor:
     """Per-task negative log joint ``-log p(D | theta) + sum (theta - mu0)^2 / (2 v0)`` for ``theta [*S, T, P]``."""
-    return -model.log_likelihood(theta, x, y) + 0.5 * ((theta - prior_loc).pow(2) / prior_var).sum(-1)
+    return -model.log_likelihood(theta, x, y) + 0.5 * ((theta - prior_loc).square() / prior_var).sum(-1)
 
 
 def gauss_newton_direction(model: HierarchicalModel, m: Tensor, x: Tensor, y: Tensor, prior_loc: Tensor,
-                           prior_var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""One Gauss-Newton direction ``d [T, P]`` at ``m [T, P]``, with ``Gs = G Sigma0^(1/2)`` ``[T, NO, P]`` and the
-    Cholesky factor of ``I + Gs Gs^T`` ``[T, NO, NO]`` (``prior_loc`` / ``prior_var`` broadcast to ``[T, P]``).
+                           prior_var: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""One Gauss-Newton direction ``d [T, P]`` at ``m [T, P]``, with ``Gs = G Sigma0^(1/2)`` ``[T, NO, P]``, the
+    Cholesky factor of ``I + Gs Gs^T`` ``[T, NO, NO]`` and the outputs ``f(x; m)`` ``[T, N, O]`` (``prior_loc`` /
+    ``prior_var`` broadcast to ``[T, P]``).
 
     In function space, with ``delta = m - mu0`` and, for a likelihood whose ``R`` is one number per point, the
     whitened output gradient ``r = g / R``:
@@ -103,9 +104,9 @@ def gauss_newton_direction(model: HierarchicalModel, m: Tensor, x: Tensor, y: Te
     if scalar:
         c = kernel @ white                                       # Gs Gs^T r ...
         if moved:                                                # ... + Gs Sigma0^(-1/2) delta
-            c = c + (scaled * (delta / prior_sd).unsqueeze(1)).sum(-1, keepdim=True)
+            c = c + torch.bmm(scaled, (delta / prior_sd).unsqueeze(-1))
     else:
-        c = (scaled * (prior_sd * gradient + delta / prior_sd).unsqueeze(1)).sum(-1, keepdim=True)
+        c = torch.bmm(scaled, (prior_sd * gradient + delta / prior_sd).unsqueeze(-1))
     kernel.diagonal(dim1=-2, dim2=-1).add_(1.0)                  # I + Gs Gs^T
     chol = torch.linalg.cholesky(kernel)
     w = torch.cholesky_solve(c, chol)
@@ -113,7 +114,7 @@ def gauss_newton_direction(model: HierarchicalModel, m: Tensor, x: Tensor, y: Te
         direction = -delta - prior_sd * torch.bmm((white - w).transpose(1, 2), scaled).squeeze(1)
     else:
         direction = -delta - prior_sd * (prior_sd * gradient - torch.bmm(w.transpose(1, 2), scaled).squeeze(1))
-    return direction, scaled, chol
+    return direction, scaled, chol, f
 
 
 def gauss_newton_fit(
@@ -169,14 +170,16 @@ def gauss_newton_fit(
     reach = torch.ones(m.shape[0], dtype=m.dtype, device=m.device)  # per task: the largest step it will try next
     posterior = start.detach()
     with torch.no_grad():
-        current = map_objective(model, m, x, y, prior_loc, prior_var)
+        current = map_objective(model, m, x, y, prior_loc, prior_var) if solver == "cg" else None
         if callback is not None:
             callback(0, posterior)
         for step in range(1, steps + 1):
             if solver == "cg":
                 direction, diagonal = cg_direction(model, m, x, y, prior_loc, prior_var, cg_steps, probes, generator)
             else:
-                direction, scaled, chol = gauss_newton_direction(model, m, x, y, prior_loc, prior_var)
+                direction, scaled, chol, f = gauss_newton_direction(model, m, x, y, prior_loc, prior_var)
+                if current is None:  # the objective at the start, from the outputs the Jacobian pass computed
+                    current = -model.likelihood.log_prob(f, y) + 0.5 * ((m - prior_loc).square() / prior_var).sum(-1)
             if not torch.isfinite(direction.sum()):
                 bad = (~torch.isfinite(direction).all(1)).nonzero().flatten().tolist()
                 raise InnerLoopDivergedError(f"Gauss-Newton inner update produced NaN/inf at step {step} of {steps} "
@@ -241,9 +244,9 @@ def _posterior(kind: str, m: Tensor, prior_var: Tensor, scaled: Tensor, chol: Te
         cov = torch.diag_embed(prior_var) - factor @ factor.transpose(1, 2)
         return Posterior(m, scale_tril=torch.linalg.cholesky(cov))
     if variance == "marginal":                                   # diag (Sigma0 - U U^T)
-        scale = (prior_var - factor.pow(2).sum(-1)).clamp_min(1e-30).sqrt()
+        scale = (prior_var - factor.square().sum(-1)).clamp_min(1e-30).sqrt()
     else:
-        curvature = scaled.pow(2).sum(1) / prior_var             # diag G^T G
+        curvature = scaled.square().sum(1) / prior_var             # diag G^T G
         scale = (1.0 / (1.0 / prior_var + curvature)).sqrt()
     if laplace:
         return Posterior(m, scale, laplace_scale=prior_sd, laplace_factor=factor)

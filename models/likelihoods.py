@@ -119,7 +119,7 @@ class GaussianLikelihood(Likelihood):
         """The same value as ``distribution(pred).log_prob(y)``, without building a distribution object."""
         log_s = self.log_noise.to(pred)
         z = (y - pred) / log_s.exp()
-        return (-0.5 * z.pow(2)).flatten(-2).sum(-1) - y.shape[-2] * y.shape[-1] * (log_s + 0.5 * math.log(2 * math.pi))
+        return (-0.5 * z.square()).flatten(-2).sum(-1) - y.shape[-2] * y.shape[-1] * (log_s + 0.5 * math.log(2 * math.pi))
 
     def point_loss(self, pred: Tensor, y: Tensor) -> Tensor:
         return (pred - y).pow(2).flatten(-2).mean(-1)
