@@ -134,6 +134,7 @@ def gauss_newton_fit(
     probes: int = 1,
     generator: torch.Generator | None = None,
     variance: str = "meanfield",
+    tolerance: float = 0.0,
 ) -> Posterior:
     r"""Run ``steps`` Gauss-Newton VI steps for every task at once from ``start``; the detached posteriors.
 
@@ -156,6 +157,10 @@ def gauss_newton_fit(
         variance: the mean-field guide's variances: ``"meanfield"`` (the KL(q || p)-optimal
             :math:`1 / \mathrm{diag}(\Lambda_0 + G^\top G)`, the default) or ``"marginal"`` (the linearised
             posterior's exact marginals :math:`\mathrm{diag}(\Lambda_0 + G^\top G)^{-1}`, Woodbury only).
+        tolerance: stop after a step in which every task converged: its objective fell by at most
+            ``tolerance * max(1, |objective|)``, and, if no candidate step helped it, it had also converged in the
+            step before (one rejection may only mean that the full step was too long). The remaining callbacks see
+            the final posterior. ``0`` runs all ``steps``.
     """
     if variance not in ("meanfield", "marginal") or (variance == "marginal" and solver != "woodbury"):
         raise ValueError(f"variance={variance!r}: choose 'meanfield', or 'marginal' with the woodbury solver")
@@ -169,6 +174,7 @@ def gauss_newton_fit(
     candidates = 0.5 ** torch.arange(halvings + 1, dtype=m.dtype, device=m.device)
     reach = torch.ones(m.shape[0], dtype=m.dtype, device=m.device)  # per task: the largest step it will try next
     posterior = start.detach()
+    small_before = torch.zeros(m.shape[0], dtype=torch.bool, device=m.device)
     with torch.no_grad():
         current = map_objective(model, m, x, y, prior_loc, prior_var) if solver == "cg" else None
         if callback is not None:
@@ -184,14 +190,23 @@ def gauss_newton_fit(
                 bad = (~torch.isfinite(direction).all(1)).nonzero().flatten().tolist()
                 raise InnerLoopDivergedError(f"Gauss-Newton inner update produced NaN/inf at step {step} of {steps} "
                                              f"for task(s) {bad}; check the data and the prior scale")
+            before = current
             m, current, reach = _line_search(model, m, direction, reach, current, candidates, x, y, prior_loc,
                                              prior_var)
-            if (step == steps or callback is not None) and solver == "cg":
+            done = step == steps
+            if tolerance > 0:
+                small = (before - current) <= tolerance * current.abs().clamp_min(1.0)
+                done = done or bool((small & ((reach == 1) | small_before)).all())
+                small_before = small
+            if (done or callback is not None) and solver == "cg":
                 posterior = Posterior(m) if kind == "delta" else Posterior(m, (1.0 / (1.0 / prior_var + diagonal)).sqrt())
-            elif step == steps or callback is not None:
+            elif done or callback is not None:
                 posterior = _posterior(kind, m, prior_var, scaled, chol, laplace, variance)
             if callback is not None:
-                callback(step, posterior)
+                for later in range(step, steps + 1 if done else step + 1):  # converged: the rest see the same
+                    callback(later, posterior)
+            if done:
+                break
     return posterior
 
 

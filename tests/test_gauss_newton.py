@@ -121,6 +121,40 @@ def test_line_search_lowers_the_map_objective_every_step_on_a_nonlinear_net():
     assert (values[-1] < values[0] - 1.0).all()
 
 
+def test_gauss_newton_stops_once_every_task_converged_with_the_posterior_of_running_every_step(monkeypatch):
+    """``tolerance``: 10 steps on a smooth net with small residuals stop after a few Jacobians, every callback still runs, and the
+    posterior equals the one of all 10 steps (``tolerance=0``) to the tolerance's order."""
+    import inference.gauss_newton as gn
+
+    torch.manual_seed(0)
+    net = BatchedNet(nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 1)).double())
+    prior = DiagonalGaussianPrior(net.initial_vector(), torch.tensor(0.2, dtype=D).log())
+    model = HierarchicalModel(net, prior, GaussianLikelihood(0.25))
+    g = torch.Generator().manual_seed(1)
+    x = 10 * torch.rand(5, 10, 1, generator=g, dtype=D) - 5
+    truth = prior.mu.detach() + 0.05 * torch.randn(5, net.num_params, generator=g, dtype=D)
+    y = net(truth, x)  # small residuals, as on a meta-trained prior: Gauss-Newton converges fast
+    calls, seen = [], []
+    direction = gn.gauss_newton_direction
+    monkeypatch.setattr(gn, "gauss_newton_direction", lambda *a: calls.append(1) or direction(*a))
+    posts = {}
+    for tol in (0.0, 1e-8):
+        calls.clear()
+        seen.clear()
+        config = InnerConfig(method="gauss-newton", steps=10, tolerance=tol)
+        posts[tol] = fit_posterior(model, MeanFieldGuide(), x, y, prior.initial_posterior(5), config=config,
+                                   callback=lambda step, post: seen.append(step))
+        assert seen == list(range(11))
+        if tol == 0:
+            assert len(calls) == 10
+        else:
+            assert len(calls) < 10
+    assert torch.allclose(posts[1e-8].loc, posts[0.0].loc, rtol=0, atol=1e-4)
+    assert torch.allclose(posts[1e-8].scale, posts[0.0].scale, rtol=1e-3)
+    with pytest.raises(ValueError, match="tolerance"):
+        InnerConfig(method="gauss-newton", tolerance=-1.0)
+
+
 def test_gauss_newton_classification_step_raises_the_support_likelihood():
     torch.manual_seed(0)
     net = BatchedNet(mlp(4, (16,), 3).double())
