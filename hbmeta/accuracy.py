@@ -243,16 +243,16 @@ def format_accuracy_table(summary: dict) -> str:
         classification = rows[0]["metric"] == "accuracy"
         name = "accuracy %" if classification else "MSE"
         head = "| algorithm | seeds | " + " | ".join(f"{name} after {s}" for s in steps)
-        head += " | ECE / MCE after " + steps[-1] + " |" if classification else " |"
+        shown = [s for s in dict.fromkeys(("1", steps[-1])) if s in steps] if classification else []
+        head += "".join(f" | ECE / MCE after {s}" for s in shown) + " |"
         head += " train s |"
         out += [f"**{benchmark}** ({rows[0]['iterations']} meta-iterations x {rows[0]['meta_batch']} tasks; "
                 f"mean ± 95% interval over seeds)", "", head, "|---" * (head.count("|") - 1) + "|"]
         for r in rows:
             key = "accuracy" if classification else "mse"
             cells = [_cell(r["steps"][s][key], percent=classification) for s in steps]
-            if classification:
-                last = r["steps"][steps[-1]]
-                cells.append(f"{_cell(last['ece'], digits=3)} / {_cell(last['mce'], digits=3)}")
+            for s in shown:  # after 1 step (what the Bayesian classification default adapts with) and after the last
+                cells.append(f"{_cell(r['steps'][s]['ece'], digits=3)} / {_cell(r['steps'][s]['mce'], digits=3)}")
             cells.append(f"{r['train_seconds'][0]:.0f}")
             out.append(f"| {r['algorithm']} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
         out.append("")
