@@ -2,7 +2,7 @@
 # The sweep behind GEM-BML+'s Gauss-Newton defaults (README, "Defaults"): each variant changes one setting of
 # the defaults, meta-trains 1500 iterations x 25 tasks (seed 0) on sinusoid and sinusoid-challenging, and is
 # scored on VALIDATION tasks (task seed 999; the README's tables use the test seed 12345), MSE after 10 steps.
-# Two runs at a time, one thread each; about 15 minutes on 2 cores. Usage: bash scripts/sweep_inner_update.sh [OUT]
+# Two runs at a time, one thread each; about 15 minutes on 2 cores. Usage: [LANES=1] bash scripts/sweep_inner_update.sh [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/sweep-inner-update}
@@ -29,9 +29,14 @@ run() {  # run SETTING NAME FLAGS...
 }
 for v in "${variants[@]}"; do
   name=${v%%|*}; flags=${v#*|}
-  run sinusoid "$name" $flags &
-  run sinusoid-challenging "$name" $flags &
-  wait
+  if [ "${LANES:-2}" = 1 ]; then  # LANES=1: one run at a time
+    run sinusoid "$name" $flags
+    run sinusoid-challenging "$name" $flags
+  else
+    run sinusoid "$name" $flags &
+    run sinusoid-challenging "$name" $flags &
+    wait
+  fi
 done
 .venv/bin/python - "$OUT" <<'PY'
 import json, sys
