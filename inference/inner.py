@@ -160,6 +160,14 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     return cls(params, lr=lr)
 
 
+def diagonal_kl(loc: Tensor, log_s: Tensor | None, mu: Tensor, sigma: Tensor) -> Tensor:
+    r"""Per task ``[..., T]``: :math:`\mathrm{KL}(N(m, s^2) \| N(\mu, \sigma^2))` summed over the weights, or for a
+    Delta guide (``log_s`` None) ``-log N(m; mu, sigma^2)``, as in Pyro's ``kl(Delta, .)``."""
+    if log_s is None:
+        return -torch.distributions.Normal(mu, sigma, validate_args=False).log_prob(loc).sum(-1)
+    return (sigma.log() - log_s + (torch.exp(2 * log_s) + (loc - mu).pow(2)) / (2 * sigma.pow(2)) - 0.5).sum(-1)
+
+
 def negative_elbo(
     model: HierarchicalModel,
     guide: Guide,
@@ -226,11 +234,11 @@ def _analytic_negative_elbo(model, guide, params, x, y, prior, noise) -> Tensor 
     if guide.name == "meanfield":
         loc, log_s = guide.moments(params)
         theta = loc if noise is None else loc + log_s.exp() * noise
-        kl = (sigma.log() - log_s + (torch.exp(2 * log_s) + (loc - mu).pow(2)) / (2 * sigma.pow(2)) - 0.5).sum()
+        kl = diagonal_kl(loc, log_s, mu, sigma).sum()
     else:
         loc = params["loc"]
         theta = loc.unsqueeze(0) if noise is None else loc.expand(noise.shape)
-        kl = -(torch.distributions.Normal(mu, sigma, validate_args=False).log_prob(loc)).sum()
+        kl = diagonal_kl(loc, None, mu, sigma).sum()
     if theta.dim() == 2:
         theta = theta.unsqueeze(0)
     return kl - model.log_likelihood(theta, x, y).mean(0).sum()
@@ -271,13 +279,8 @@ def _task_objective(model: HierarchicalModel, guide: Guide, params: dict[str, Te
                     prior: dist.TorchDistribution) -> Tensor:
     """Per task ``-log p(D | m) + KL(q || p)`` ``[T]`` (Delta guide: ``-log p(D | m) - log p(m)``), the safeguard's merit."""
     mu, sigma = _diagonal_normal(prior)
-    if guide.name == "meanfield":
-        loc, log_s = guide.moments(params)
-        penalty = (sigma.log() - log_s + (torch.exp(2 * log_s) + (loc - mu).pow(2)) / (2 * sigma.pow(2)) - 0.5).sum(-1)
-    else:
-        loc = params["loc"]
-        penalty = -torch.distributions.Normal(mu, sigma, validate_args=False).log_prob(loc).sum(-1)
-    return penalty - model.log_likelihood(loc.unsqueeze(0), x, y)[0]
+    loc, log_s = guide.moments(params) if guide.name == "meanfield" else (params["loc"], None)
+    return diagonal_kl(loc, log_s, mu, sigma) - model.log_likelihood(loc.unsqueeze(0), x, y)[0]
 
 
 @torch.no_grad()
@@ -311,7 +314,7 @@ def _local_negative_elbo(model: HierarchicalModel, guide: Guide, params: dict[st
     (:mod:`models.local_reparam`) and the KL in closed form (as :func:`_analytic_negative_elbo`)."""
     mu, sigma = _diagonal_normal(prior)
     loc, log_s = guide.moments(params)
-    kl = (sigma.log() - log_s + (torch.exp(2 * log_s) + (loc - mu).pow(2)) / (2 * sigma.pow(2)) - 0.5).sum()
+    kl = diagonal_kl(loc, log_s, mu, sigma).sum()
     pred = local_forward(model.net, loc, log_s.exp(), x, num_samples, draw)
     return kl - model.likelihood.log_prob(pred, y).mean(0).sum()
 
