@@ -18,51 +18,14 @@ References:
     [1] Zou, Y. & Lu, X. Gradient-EM Bayesian Meta-learning. NeurIPS 2020.
 """
 
-import importlib.util
-import sys
-import warnings
-from pathlib import Path
-
-_ROOT = Path(__file__).resolve().parent.parent  # where hbmeta's sibling packages ``models`` and ``inference`` live
-
-
-def _bind_own_packages() -> None:
-    """Make ``models`` and ``inference`` (hbmeta's layers, imported by those names) resolve to hbmeta's own
-    packages even when the working folder holds a user's ``models.py`` / ``inference.py``, which Python would
-    otherwise find first. The user's file keeps working through any name already bound to it; a new
-    ``import models`` in the same process then gets hbmeta's package, so a warning names the shadowed file."""
-    for name in ("models", "inference"):
-        own = _ROOT / name
-        loaded = sys.modules.get(name)
-        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent == own:
-            continue
-        spec = importlib.util.find_spec(name) if loaded is None else loaded.__spec__
-        origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
-        if origin is not None and origin.parent == own:
-            continue
-        sys.modules.pop(name, None)
-        sys.path.insert(0, str(_ROOT))
-        try:
-            importlib.import_module(name)
-        finally:
-            sys.path.remove(str(_ROOT))
-        if origin is not None:
-            warnings.warn(f"hbmeta: your {origin} is shadowed by hbmeta's own '{name}' package in this process; "
-                          f"rename it (e.g. my_{name}.py) to import it by name after hbmeta", stacklevel=3)
-
-
-_bind_own_packages()
-
-from hbmeta.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
-from hbmeta.config import TrainConfig
-from hbmeta.evaluate import evaluate_regression
-from hbmeta.experiments import EXPERIMENTS
+from hbmeta.models import (BatchedNet, CategoricalLikelihood, DeltaGuide, DiagonalGaussianPrior, FullCovarianceGuide,
+                           GaussianLikelihood, HierarchicalModel, MeanFieldGuide, Posterior, make_prior, mlp)
+from hbmeta.inference import (ALGORITHMS, InnerConfig, InnerLoopDivergedError, MetaLearner, TaskBatch, fit_posterior,
+                              gem_gradient, gem_plus_gradient)
 from hbmeta.tasks import SinusoidTasks
-from hbmeta.train import load_learner, train
-from inference import (ALGORITHMS, InnerConfig, InnerLoopDivergedError, MetaLearner, TaskBatch, fit_posterior,
-                       gem_gradient, gem_plus_gradient)
-from models import (BatchedNet, CategoricalLikelihood, DeltaGuide, DiagonalGaussianPrior, FullCovarianceGuide,
-                    GaussianLikelihood, HierarchicalModel, MeanFieldGuide, Posterior, make_prior, mlp)
+from hbmeta.experiments import EXPERIMENTS, TrainConfig
+from hbmeta.training import CheckpointError, load_checkpoint, load_learner, save_checkpoint, train
+from hbmeta.evaluation import evaluate_regression
 
 __version__ = "0.1.0"
 

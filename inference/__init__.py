@@ -1,16 +1,16 @@
 """The "how" of hbmeta: the inner update (SVI on per-task guides) and every meta-gradient."""
 
-from inference.autoguide import AUTOGUIDES, fit_autoguide
-from inference.batch import TaskBatch
-from inference.bmaml import bmaml_gradient, svgd
-from inference.elbo_gradient import abml_gradient, elbo_gradient
-from inference.gem import gem_bml_gradient, gem_gradient, gem_plus_gradient, gem_plus_posteriors, mc_gem_gradient
-from inference.imaml import imaml_gradient
-from inference.inner import InnerConfig, InnerLoopDivergedError, fit_posterior, negative_elbo
-from inference.learner import ALGORITHMS, Algorithm, MetaLearner, Predictive, get_algorithm
-from inference.maml import fomaml_gradient, maml_gradient
-from inference.reptile import pretrain_gradient, reptile_gradient
-from inference.rl_learner import RL_ALGORITHMS, PolicyMetaLearner
+from hbmeta.inference.autoguide import AUTOGUIDES, fit_autoguide
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.bmaml import bmaml_gradient, svgd
+from hbmeta.inference.elbo_gradient import abml_gradient, elbo_gradient
+from hbmeta.inference.gem import gem_bml_gradient, gem_gradient, gem_plus_gradient, gem_plus_posteriors, mc_gem_gradient
+from hbmeta.inference.imaml import imaml_gradient
+from hbmeta.inference.inner import InnerConfig, InnerLoopDivergedError, fit_posterior, negative_elbo
+from hbmeta.inference.learner import ALGORITHMS, Algorithm, MetaLearner, Predictive, get_algorithm
+from hbmeta.inference.maml import fomaml_gradient, maml_gradient
+from hbmeta.inference.reptile import pretrain_gradient, reptile_gradient
+from hbmeta.inference.rl_learner import RL_ALGORITHMS, PolicyMetaLearner
 
 __all__ = [
     "TaskBatch", "InnerConfig", "InnerLoopDivergedError", "fit_posterior", "negative_elbo", "gem_gradient",

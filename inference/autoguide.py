@@ -19,7 +19,7 @@ autoguide                       per task?    why
 ``AutoLaplaceApproximation``    no           its Hessian is over the flattened ``[T P]`` vector (as above)
 ==============================  ===========  ==================================================================
 
-The package's own guides (:mod:`models.guides`) remain the fast path: they take their noise from an explicit
+The package's own guides (:mod:`hbmeta.models.guides`) remain the fast path: they take their noise from an explicit
 generator (reproducible, resumable runs), while autoguides draw from torch's global RNG.
 """
 
@@ -31,8 +31,8 @@ from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoNormal, init_to_value
 from torch import Tensor
 
-from models.hierarchical import HierarchicalModel
-from models.posterior import Posterior
+from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.posterior import Posterior
 
 __all__ = ["AUTOGUIDES", "fit_autoguide"]
 

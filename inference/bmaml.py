@@ -45,11 +45,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from inference.batch import TaskBatch
-from inference.inner import InnerConfig, InnerLoopDivergedError
-from models.hierarchical import HierarchicalModel
-from models.posterior import Posterior
-from models.priors import ParticlePrior
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.inner import InnerConfig, InnerLoopDivergedError
+from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.posterior import Posterior
+from hbmeta.models.priors import ParticlePrior
 
 __all__ = ["median_bandwidth", "svgd_direction", "svgd", "chaser_and_leader", "bmaml_gradient", "bmaml_adapt"]
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from inference.batch import TaskBatch
-from inference.inner import InnerConfig, negative_elbo
-from models.guides import Guide
-from models.hierarchical import HierarchicalModel
-from models.priors import DiagonalGaussianPrior
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.inner import InnerConfig, negative_elbo
+from hbmeta.models.guides import Guide
+from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.priors import DiagonalGaussianPrior
 
 __all__ = ["unrolled_guide_params", "elbo_gradient", "abml_gradient"]
 

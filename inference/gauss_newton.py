@@ -6,9 +6,9 @@ q1 in the sequential update) and the guide a mean-field Normal :math:`N(m, \math
 the current mean ``m`` is:
 
 1. **Linearise** the network, :math:`f(x; \theta) \approx f(x; m) + J (\theta - m)` with
-   :math:`J = \partial f / \partial \theta` (``[N O, P]``, :mod:`models.jacobian`), and take the likelihood's
+   :math:`J = \partial f / \partial \theta` (``[N O, P]``, :mod:`hbmeta.models.jacobian`), and take the likelihood's
    gradient ``g`` and Gauss-Newton Hessian :math:`H = R R^\top` in the outputs
-   (:meth:`models.likelihoods.Likelihood.curvature`: :math:`I / s^2` for a Gaussian,
+   (:meth:`hbmeta.models.likelihoods.Likelihood.curvature`: :math:`I / s^2` for a Gaussian,
    :math:`\mathrm{diag}\, p - p p^\top` for a softmax).
 2. **Solve the coupled Gauss-Newton system exactly, in function space.** With the whitened Jacobian
    :math:`G = R^\top J` and :math:`\Lambda_0 = \mathrm{diag}(1 / v_0)`,
@@ -50,11 +50,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from inference.errors import InnerLoopDivergedError
-from inference.gauss_newton_cg import cg_direction
-from models.hierarchical import HierarchicalModel
-from models.jacobian import output_jacobian
-from models.posterior import Posterior
+from hbmeta.inference.errors import InnerLoopDivergedError
+from hbmeta.inference.gauss_newton_cg import cg_direction
+from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.jacobian import output_jacobian
+from hbmeta.models.posterior import Posterior
 
 __all__ = ["gauss_newton_fit", "gauss_newton_direction", "map_objective"]
 
@@ -149,10 +149,10 @@ def gauss_newton_fit(
         callback: ``callback(step, posterior)`` before the first step and after every step.
         laplace: also keep the linearised model's full Gaussian posterior, :math:`(\Lambda_0 + G^\top G)^{-1}` as
             ``diag(laplace_scale^2) - laplace_factor laplace_factor^T`` (``[T, P, N O]``), for the linearised
-            posterior predictive (:meth:`inference.learner.MetaLearner.predict`). Meta-training does not need it.
+            posterior predictive (:meth:`hbmeta.inference.learner.MetaLearner.predict`). Meta-training does not need it.
         solver: ``"woodbury"`` (the exact solve through the Jacobian) or ``"cg"`` (matrix-free truncated conjugate
             gradients with ``cg_steps`` iterations and a Hutchinson diagonal from ``probes`` Rademacher probes drawn
-            from ``generator``; :mod:`inference.gauss_newton_cg`). ``cg`` gives mean-field or point-mass posteriors
+            from ``generator``; :mod:`hbmeta.inference.gauss_newton_cg`). ``cg`` gives mean-field or point-mass posteriors
             and no linearised posterior.
         variance: the mean-field guide's variances: ``"meanfield"`` (the KL(q || p)-optimal
             :math:`1 / \mathrm{diag}(\Lambda_0 + G^\top G)`, the default) or ``"marginal"`` (the linearised

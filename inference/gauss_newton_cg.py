@@ -2,7 +2,7 @@ r"""The Gauss-Newton direction without a Jacobian: preconditioned conjugate grad
 
 For networks whose Jacobian is too large to form (conv4: 112k weights x 5 classes x every support and query
 image, with batch norm coupling the images so that each row costs a full backward pass), the Gauss-Newton
-system of :mod:`inference.gauss_newton` is solved matrix-free, all tasks at once, with
+system of :mod:`hbmeta.inference.gauss_newton` is solved matrix-free, all tasks at once, with
 
 - Gauss-Newton-vector products :math:`A v = \Lambda_0 v + J^\top H (J v)`: ``J v`` by a one-sided finite
   difference of the network's outputs (one forward pass; exact for the piecewise-linear parts of a ReLU net,
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models.hierarchical import HierarchicalModel
+from hbmeta.models.hierarchical import HierarchicalModel
 
 __all__ = ["cg_direction", "ggn_diagonal"]
 

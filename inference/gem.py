@@ -11,7 +11,7 @@ estimates :math:`\nabla L^{[1]}` with the posterior on :math:`D^{tr} \cup D^{val
 :math:`\nabla L^{[2]} = \nabla L(\Theta; D^{tr} \cup D^{val}) - \nabla L(\Theta; D^{tr})` (appendix A.4).
 
 All functions return per-task gradients ``{name: [T, *param_shape]}`` of the log-likelihood (an ascent
-direction); :class:`inference.learner.MetaLearner` averages and negates them for a torch optimizer.
+direction); :class:`hbmeta.inference.learner.MetaLearner` averages and negates them for a torch optimizer.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from inference.batch import TaskBatch
-from inference.inner import CommonNoise, InnerConfig, NoiseFn, fit_posterior, standard_normal
-from models.guides import Guide
-from models.hierarchical import HierarchicalModel
-from models.posterior import Posterior
-from models.priors import Prior
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.inner import CommonNoise, InnerConfig, NoiseFn, fit_posterior, standard_normal
+from hbmeta.models.guides import Guide
+from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.posterior import Posterior
+from hbmeta.models.priors import Prior
 
 __all__ = ["gem_gradient", "mc_gem_gradient", "gem_bml_gradient", "gem_plus_gradient", "gem_plus_posteriors",
            "likelihood_gem_gradient", "GEM_PLUS_MODES", "LIKELIHOOD_PREFIX"]
@@ -75,7 +75,7 @@ def likelihood_gem_gradient(model: HierarchicalModel, posterior: Posterior, x: T
               \approx \nabla_\phi\, \mathbb{E}_{f \sim N(f(x; m),\, J \Sigma J^\top)} \log p(D \mid f; \phi),
 
     the expectation over the posterior pushed through the network linearised at its mean ``m``
-    (:meth:`~models.likelihoods.Likelihood.expected_log_prob`; exact for a linear-Gaussian model, where it is the
+    (:meth:`~hbmeta.models.likelihoods.Likelihood.expected_log_prob`; exact for a linear-Gaussian model, where it is the
     gradient of the exact log marginal likelihood in ``phi`` - ``tests/test_likelihood_scale.py``). ``Sigma`` is the
     posterior's covariance (mean-field, low-rank, full, or the linearised Laplace one). Returns
     ``{"likelihood.<name>": [T, *shape]}``; empty if nothing is learnable.
@@ -83,7 +83,7 @@ def likelihood_gem_gradient(model: HierarchicalModel, posterior: Posterior, x: T
     params = {n: p for n, p in model.likelihood.named_parameters() if p.requires_grad}
     if not params:
         return {}
-    from models.jacobian import output_jacobian
+    from hbmeta.models.jacobian import output_jacobian
 
     f, jac = output_jacobian(model.net, posterior.loc.detach(), x)
     cov = posterior.detach().function_covariance(jac)
@@ -103,7 +103,7 @@ def gem_bml_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, c
 
     The inner update is VI from the prior on the joint data (which with a Delta guide and a fixed prior
     scale makes the mean update Reptile's, section 4). Returns the per-task gradients and the posterior.
-    ``noise`` (optional) replaces ``generator`` as the inner loop's noise (:func:`inference.inner.fit_posterior`).
+    ``noise`` (optional) replaces ``generator`` as the inner loop's noise (:func:`hbmeta.inference.inner.fit_posterior`).
     """
     x, y = batch.joint()
     post = fit_posterior(model, guide, x, y, model.initial_posterior(x, y), config=config,
@@ -123,7 +123,7 @@ def gem_plus_posteriors(model: HierarchicalModel, guide: Guide, batch: TaskBatch
     the two estimates in ``g(q2) - g(q1)`` share the inner update's error (the Gauss-Newton default: with a
     warm start q2 gets more optimisation than q1 and the difference picks that up; README, "Defaults").
     ``noise`` (optional) replaces ``generator`` as both fits' reparameterisation noise. q2 replays q1's draws
-    (common random numbers, :class:`inference.inner.CommonNoise`).
+    (common random numbers, :class:`hbmeta.inference.inner.CommonNoise`).
     """
     if mode not in GEM_PLUS_MODES:
         raise ValueError(f"unknown GEM-BML+ mode {mode!r}; choose one of {', '.join(GEM_PLUS_MODES)}")

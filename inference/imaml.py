@@ -31,10 +31,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from inference.batch import TaskBatch
-from inference.inner import InnerConfig, InnerLoopDivergedError, clip_per_task, make_optimizer
-from models.hierarchical import HierarchicalModel
-from models.posterior import Posterior
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.inner import InnerConfig, InnerLoopDivergedError, clip_per_task, make_optimizer
+from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.posterior import Posterior
 
 __all__ = ["proximal_adapt", "conjugate_gradient", "implicit_meta_gradient", "imaml_gradient", "imaml_adapt"]
 
@@ -45,7 +45,7 @@ def proximal_adapt(model: HierarchicalModel, mu: Tensor, x: Tensor, y: Tensor, l
     r"""K steps of ``optimizer`` on :math:`\ell(D_\tau; \theta) + \frac\lambda2\|\theta - \mu\|^2` from ``mu``.
 
     All tasks at once; ``mu [P]`` or ``[T, P]``; returns the detached ``theta [T, P]``. ``clip_norm`` clips
-    each task's gradient (as :class:`~inference.inner.InnerConfig` does for VI). ``callback(step, theta)`` is
+    each task's gradient (as :class:`~hbmeta.inference.inner.InnerConfig` does for VI). ``callback(step, theta)`` is
     called before the first step and after every step.
 
     Raises:

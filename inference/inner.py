@@ -33,12 +33,12 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor
 
-from inference.errors import InnerLoopDivergedError
-from inference.gauss_newton import gauss_newton_fit
-from models.guides import Guide
-from models.local_reparam import local_forward, supports_local_noise
-from models.hierarchical import HierarchicalModel
-from models.posterior import Posterior
+from hbmeta.inference.errors import InnerLoopDivergedError
+from hbmeta.inference.gauss_newton import gauss_newton_fit
+from hbmeta.models.guides import Guide
+from hbmeta.models.local_reparam import local_forward, supports_local_noise
+from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.posterior import Posterior
 
 __all__ = ["InnerConfig", "InnerLoopDivergedError", "INNER_METHODS", "fit_posterior", "negative_elbo", "make_optimizer",
            "NoiseFn", "clip_per_task", "CommonNoise", "standard_normal"]
@@ -55,10 +55,10 @@ class InnerConfig:
     """Settings of the inner update.
 
     Attributes:
-        method: ``"gauss-newton"`` (:mod:`inference.gauss_newton`: exact Gauss-Newton solve of the mean,
+        method: ``"gauss-newton"`` (:mod:`hbmeta.inference.gauss_newton`: exact Gauss-Newton solve of the mean,
             mean-field variances at their fixed point, backtracking line search; deterministic, no step size;
             needs a diagonal Gaussian prior inside the ELBO and a likelihood with
-            :meth:`~models.likelihoods.Likelihood.curvature`) or ``"svi"`` (reparameterised stochastic
+            :meth:`~hbmeta.models.likelihoods.Likelihood.curvature`) or ``"svi"`` (reparameterised stochastic
             gradients of the ELBO with a torch optimizer: every prior, guide and likelihood). ``lr``,
             ``optimizer``, ``num_samples``, ``scale_lr`` and ``clip_norm`` are SVI's settings.
         steps: optimisation steps of VI (and of the baselines' inner SGD).
@@ -76,7 +76,7 @@ class InnerConfig:
             task whose likelihood curvature exceeds the step size's stability bound.
         estimator: how SVI estimates the likelihood term of a mean-field guide: ``"local"`` (the paper's
             appendix B.7: local reparameterisation for MLPs, Flipout for modules with ``forward_flipout`` such as
-            :class:`~models.conv.Conv4`; :mod:`models.local_reparam`) or ``"reparam"`` (one weight sample per
+            :class:`~hbmeta.models.conv.Conv4`; :mod:`hbmeta.models.local_reparam`) or ``"reparam"`` (one weight sample per
             Monte-Carlo sample and task). ``local`` falls back to ``reparam`` where it does not apply.
         imaml_lambda: iMAML's proximal regularisation ``lambda`` of the inner problem (Rajeswaran et al. 2019).
             10 suits the sinusoid with 20 SGD steps at 0.005 (``lambda ~ 1 / (K lr)``); their Omniglot runs use 2.0.
@@ -85,7 +85,7 @@ class InnerConfig:
         line_search: Gauss-Newton's backtracking candidates ``1, 1/2, ..., 2^-line_search``.
         solver: how Gauss-Newton solves for its step: ``"woodbury"`` (exact, through the Jacobian; small outputs x
             points), ``"cg"`` (matrix-free conjugate gradients with ``cg_steps`` iterations and a Hutchinson
-            diagonal from ``probes`` probes; :mod:`inference.gauss_newton_cg`) or ``"auto"``: ``woodbury`` for plain
+            diagonal from ``probes`` probes; :mod:`hbmeta.inference.gauss_newton_cg`) or ``"auto"``: ``woodbury`` for plain
             MLPs, ``cg`` for other networks (conv4, whose batch norm makes every Jacobian row a full backward).
         probes: Rademacher probes of the ``cg`` solver's Hutchinson diagonal.
         variance: Gauss-Newton's mean-field variances: ``"meanfield"`` (the KL-optimal ``1 / diag(precision)``) or
@@ -311,7 +311,7 @@ def _safeguard(model, guide, params, before, merit, x, y, prior, halvings: int) 
 def _local_negative_elbo(model: HierarchicalModel, guide: Guide, params: dict[str, Tensor], x: Tensor, y: Tensor,
                          prior: dist.TorchDistribution, num_samples: int, draw) -> Tensor:
     """The mean-field negative ELBO with the likelihood term by local reparameterisation / Flipout
-    (:mod:`models.local_reparam`) and the KL in closed form (as :func:`_analytic_negative_elbo`)."""
+    (:mod:`hbmeta.models.local_reparam`) and the KL in closed form (as :func:`_analytic_negative_elbo`)."""
     mu, sigma = _diagonal_normal(prior)
     loc, log_s = guide.moments(params)
     kl = diagonal_kl(loc, log_s, mu, sigma).sum()
@@ -352,7 +352,7 @@ _GAUSS_NEWTON_KINDS = {"meanfield": "meanfield", "delta": "delta", "fullcov": "f
 
 
 def _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace, generator) -> Posterior:
-    """:func:`inference.gauss_newton.gauss_newton_fit` for a diagonal Gaussian prior and a supported guide."""
+    """:func:`hbmeta.inference.gauss_newton.gauss_newton_fit` for a diagonal Gaussian prior and a supported guide."""
     moments = _diagonal_normal(prior)
     if moments is None:
         raise ValueError(f"the Gauss-Newton inner update needs a diagonal Gaussian prior inside the ELBO; got "
@@ -383,7 +383,7 @@ def fit_posterior(
 ) -> Posterior:
     """Run the inner update for every task of a meta-batch at once and return the detached posteriors.
 
-    ``config.method`` chooses SVI (below) or Gauss-Newton VI (:func:`inference.gauss_newton.gauss_newton_fit`).
+    ``config.method`` chooses SVI (below) or Gauss-Newton VI (:func:`hbmeta.inference.gauss_newton.gauss_newton_fit`).
 
     Args:
         model: the hierarchical model.

@@ -20,22 +20,22 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from inference.batch import TaskBatch, check_task_data
-from inference.bmaml import bmaml_adapt, bmaml_gradient
-from inference.elbo_gradient import abml_gradient
-from inference.gem import GEM_PLUS_MODES, LIKELIHOOD_PREFIX, gem_bml_gradient, gem_plus_gradient
-from inference.imaml import imaml_adapt, imaml_gradient
-from inference.inner import InnerConfig, fit_posterior, make_optimizer
-from inference.maml import fomaml_gradient, maml_gradient, sgd_adapt
-from inference.reptile import optimizer_adapt, pretrain_gradient, reptile_gradient
-from models.functional import BatchedNet
-from models.jacobian import output_jacobian
-from models.guides import Guide, make_guide
-from models.hierarchical import HierarchicalModel
-from models.likelihoods import GaussianLikelihood, Likelihood
-from models.posterior import Posterior
-from models.prior_factory import make_prior
-from models.priors import DiagonalGaussianPrior, ParticlePrior, Prior
+from hbmeta.inference.batch import TaskBatch, check_task_data
+from hbmeta.inference.bmaml import bmaml_adapt, bmaml_gradient
+from hbmeta.inference.elbo_gradient import abml_gradient
+from hbmeta.inference.gem import GEM_PLUS_MODES, LIKELIHOOD_PREFIX, gem_bml_gradient, gem_plus_gradient
+from hbmeta.inference.imaml import imaml_adapt, imaml_gradient
+from hbmeta.inference.inner import InnerConfig, fit_posterior, make_optimizer
+from hbmeta.inference.maml import fomaml_gradient, maml_gradient, sgd_adapt
+from hbmeta.inference.reptile import optimizer_adapt, pretrain_gradient, reptile_gradient
+from hbmeta.models.functional import BatchedNet
+from hbmeta.models.jacobian import output_jacobian
+from hbmeta.models.guides import Guide, make_guide
+from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.likelihoods import GaussianLikelihood, Likelihood
+from hbmeta.models.posterior import Posterior
+from hbmeta.models.prior_factory import make_prior
+from hbmeta.models.priors import DiagonalGaussianPrior, ParticlePrior, Prior
 
 __all__ = ["Algorithm", "ALGORITHMS", "MetaLearner", "Predictive", "get_algorithm", "default_inner", "step_prior",
            "PriorDefaults", "prior_defaults", "GAUSS_NEWTON_DEFAULT", "GAUSS_NEWTON_GUIDES"]
@@ -83,7 +83,7 @@ GAUSS_NEWTON_GUIDES = ("meanfield", "delta", "fullcov")
 def default_inner(algorithm: str, gauss_newton: bool = True) -> InnerConfig:
     """Inner-update defaults per family, measured on sinusoid validation tasks (README, "Defaults").
 
-    GEM-BML / GEM-BML+: 2 steps of Gauss-Newton mean-field VI (:mod:`inference.gauss_newton`; no step size, no
+    GEM-BML / GEM-BML+: 2 steps of Gauss-Newton mean-field VI (:mod:`hbmeta.inference.gauss_newton`; no step size, no
     Monte-Carlo noise). With ``gauss_newton=False`` (other priors, likelihoods without a curvature) and for
     ABML, which unrolls SVI: plain SGD on the whitened mean-field guide (``z``, ``rho`` at one rate), 2
     Monte-Carlo samples, per-task clipping at norm 5. Point-estimate baselines: SGD at MAML's 0.01 on the mean
@@ -167,7 +167,7 @@ class MetaLearner:
         net: the user's ``nn.Module``; its current weights become the prior mean.
         likelihood: ``p(D | theta)``.
         algorithm: a name from :data:`ALGORITHMS`.
-        prior: a :class:`Prior`, or a name for :func:`models.prior_factory.make_prior` (``diagonal``, ``lowrank``,
+        prior: a :class:`Prior`, or a name for :func:`hbmeta.models.prior_factory.make_prior` (``diagonal``, ``lowrank``,
             ``mixture``, ``laplace``, ``studentt``; scale ``prior_scale``); default the diagonal Gaussian at
             ``prior_scale``.
         guide: a :class:`Guide` or its name (``meanfield``, ``delta``, ``fullcov``, ``lowrank``).
@@ -175,7 +175,7 @@ class MetaLearner:
             :func:`default_inner` of the algorithm (Gauss-Newton VI for GEM-BML(+) with a diagonal Gaussian prior
             and a likelihood that has a curvature, else SVI).
         meta_lr, meta_optimizer: the meta-update's torch optimizer.
-        gem_plus_mode: how GEM-BML+ fits q2 (:data:`inference.gem.GEM_PLUS_MODES`): ``"sequential"`` (the paper's
+        gem_plus_mode: how GEM-BML+ fits q2 (:data:`hbmeta.inference.gem.GEM_PLUS_MODES`): ``"sequential"`` (the paper's
             VI(lambda_tr, D_val)), ``"joint"`` or ``"restart"``; ``None``: :func:`prior_defaults` of the inner update
             (``restart`` for Gauss-Newton, ``sequential`` for SVI).
         closed_form: GEM from the prior's closed form (``True``) or its Monte-Carlo form.
@@ -276,7 +276,7 @@ class MetaLearner:
         """Hand ``grads`` (descent direction of the meta-loss, averaged over tasks) to the meta-optimizer.
 
         The second half of :meth:`meta_step`, apart so that a gradient computed elsewhere (e.g. summed over
-        the ranks of a distributed run, :mod:`hbmeta.distributed`) takes exactly the same update.
+        the ranks of a distributed run, :mod:`hbmeta.training.distributed`) takes exactly the same update.
         """
         norm = step_prior(self.prior, self.optimizer, grads,
                           f"at iteration {self.iteration} ({self.algorithm}, inner lr {self.inner.lr})", self.likelihood)
@@ -321,7 +321,7 @@ class MetaLearner:
         r"""Posterior predictive of ``f(x; theta)`` at query inputs ``x [T, N, ...]``: mean, spread and samples.
 
         - A posterior from the Gauss-Newton inner update carries the linearised model's full Gaussian posterior
-          (:attr:`models.posterior.Posterior.has_laplace`): the predictive is that model's, the *linearised* (GLM)
+          (:attr:`hbmeta.models.posterior.Posterior.has_laplace`): the predictive is that model's, the *linearised* (GLM)
           predictive :math:`f(x; m) + J (\theta - m)`, Gaussian per point with mean ``f(x; m)`` and covariance
           ``J Sigma J^T`` (Immer et al. 2021): the inner update is exact inference for the linearised model, so this
           is the predictive that matches it. Mean-field samples of theta would drop the posterior's correlations

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from inference.batch import TaskBatch
-from inference.inner import InnerConfig
-from models.hierarchical import HierarchicalModel
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.inner import InnerConfig
+from hbmeta.models.hierarchical import HierarchicalModel
 
 __all__ = ["sgd_adapt", "maml_gradient", "fomaml_gradient"]
 

@@ -1,6 +1,6 @@
 """The data of a policy-gradient step for ``T`` tasks: states, actions and advantage weights, checked on construction.
 
-This is RL's counterpart of :class:`~inference.batch.TaskBatch`: ``K`` episodes of ``H`` steps per task are
+This is RL's counterpart of :class:`~hbmeta.inference.batch.TaskBatch`: ``K`` episodes of ``H`` steps per task are
 flattened to ``N = K H`` points; padding after an episode's end has ``mask = 0`` and ``advantage = 0``.
 """
 

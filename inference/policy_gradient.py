@@ -7,8 +7,8 @@ r"""Policy gradient as a likelihood, and the RL inner / meta updates (GEM-BML se
 .. math:: \log p(D \mid \theta) = \sum_{n} A_n \log \pi(a_n \mid x_n; \theta),
 
 whose gradient at the behaviour policy is the policy-gradient estimate. :class:`PolicyGradientLikelihood`
-plugs it into :class:`~models.hierarchical.HierarchicalModel`, so the inner VI update is the package's
-:func:`~inference.inner.fit_posterior` on the ELBO ``E_q log p(D | theta) - KL(q || p)``.
+plugs it into :class:`~hbmeta.models.hierarchical.HierarchicalModel`, so the inner VI update is the package's
+:func:`~hbmeta.inference.inner.fit_posterior` on the ELBO ``E_q log p(D | theta) - KL(q || p)``.
 
 **Inner updates** (both act on the per-task guide, all tasks at once):
 
@@ -35,14 +35,14 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
-from inference.inner import InnerConfig, fit_posterior
-from inference.policy_data import PolicyData
-from models.functional import BatchedNet
-from models.guides import Guide
-from models.hierarchical import HierarchicalModel
-from models.likelihoods import Likelihood
-from models.policy import gaussian_kl, gaussian_log_prob
-from models.posterior import Posterior
+from hbmeta.inference.inner import InnerConfig, fit_posterior
+from hbmeta.inference.policy_data import PolicyData
+from hbmeta.models.functional import BatchedNet
+from hbmeta.models.guides import Guide
+from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.likelihoods import Likelihood
+from hbmeta.models.policy import gaussian_kl, gaussian_log_prob
+from hbmeta.models.posterior import Posterior
 
 __all__ = [
     "PolicyGradientLikelihood",

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from inference.batch import TaskBatch
-from inference.inner import InnerConfig, make_optimizer
-from models.hierarchical import HierarchicalModel
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.inner import InnerConfig, make_optimizer
+from hbmeta.models.hierarchical import HierarchicalModel
 
 __all__ = ["optimizer_adapt", "reptile_gradient", "pretrain_gradient"]
 

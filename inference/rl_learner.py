@@ -8,10 +8,10 @@ One meta-iteration for ``T`` tasks (GEM-BML appendix B.1, C.4.3; MAML's RL recip
 3. ``D_val``: ``K`` rollouts per task with the adapted policy.
 4. meta-update:
    - GEM-BML+ (``L[2]``): ``q2 = VI(lambda_tr, D_val)`` (the paper's sequential form, as
-     :func:`inference.gem.gem_plus_posteriors`: start and prior ``q1``); gradient ``g(q2) - g(q1)`` with
-     ``g(q) = E_q grad_Theta log p(theta; Theta)`` (:func:`inference.gem.gem_gradient`) - data-free;
+     :func:`hbmeta.inference.gem.gem_plus_posteriors`: start and prior ``q1``); gradient ``g(q2) - g(q1)`` with
+     ``g(q) = E_q grad_Theta log p(theta; Theta)`` (:func:`hbmeta.inference.gem.gem_gradient`) - data-free;
    - GEM-BML (``L[1]``): one posterior on ``D_tr u D_val`` from the prior; gradient ``g(q)``;
-   - MAML: TRPO on ``mu`` through the inner step (:func:`inference.policy_gradient.maml_trpo_step`);
+   - MAML: TRPO on ``mu`` through the inner step (:func:`hbmeta.inference.policy_gradient.maml_trpo_step`);
    - Reptile: ``mu - theta`` after a PG step on ``D_tr`` and one on ``D_val``.
    GEM and Reptile hand the averaged gradient to Adam (``meta_lr``, paper: 1e-3).
 
@@ -27,22 +27,22 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from inference.gem import gem_gradient
-from inference.inner import make_optimizer
-from inference.learner import get_algorithm, step_prior
-from inference.policy_data import PolicyData
-from inference.policy_gradient import (
+from hbmeta.inference.gem import gem_gradient
+from hbmeta.inference.inner import make_optimizer
+from hbmeta.inference.learner import get_algorithm, step_prior
+from hbmeta.inference.policy_data import PolicyData
+from hbmeta.inference.policy_gradient import (
     PolicyGradientLikelihood,
     maml_trpo_step,
     pg_posterior,
     pg_step,
     trpo_posterior,
 )
-from models.functional import BatchedNet
-from models.guides import MeanFieldGuide
-from models.hierarchical import HierarchicalModel
-from models.posterior import Posterior
-from models.priors import DiagonalGaussianPrior
+from hbmeta.models.functional import BatchedNet
+from hbmeta.models.guides import MeanFieldGuide
+from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.posterior import Posterior
+from hbmeta.models.priors import DiagonalGaussianPrior
 
 __all__ = ["RL_ALGORITHMS", "PolicyMetaLearner", "SampleFn"]
 
@@ -56,7 +56,7 @@ class PolicyMetaLearner:
     """Meta-learner of a Gaussian policy's weights.
 
     Args:
-        policy: the policy ``nn.Module`` (e.g. :class:`models.policy.GaussianMLPPolicy`); its weights are the prior mean.
+        policy: the policy ``nn.Module`` (e.g. :class:`hbmeta.models.policy.GaussianMLPPolicy`); its weights are the prior mean.
         algorithm: one of :data:`RL_ALGORITHMS`.
         inner_update: ``"pg"`` (vanilla policy gradient) or ``"trpo"`` for the Bayesian algorithms' VI update.
         inner_lr: PG step on the mean surrogate (paper: 0.1).

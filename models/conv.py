@@ -18,7 +18,7 @@ no buffers; its output does not depend on ``train()`` / ``eval()``. The convolut
 acts on them.
 
 :meth:`Conv4.forward_batched` evaluates the net for a stack of flat weight vectors ``theta [B, T, P]`` at once
-(:class:`~models.functional.BatchedNet` dispatches to it): the ``B * T`` weight sets are folded into the
+(:class:`~hbmeta.models.functional.BatchedNet` dispatches to it): the ``B * T`` weight sets are folded into the
 channel dimension, so each layer is one grouped convolution (``groups = B * T``) and one ``F.batch_norm``.
 
 [1] C. Finn, P. Abbeel, S. Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks. ICML 2017.
@@ -118,7 +118,7 @@ class Conv4(nn.Module):
         """Evaluate the net for many flat weight vectors at once.
 
         ``theta`` is laid out as ``torch.cat([p.reshape(-1) for p in self.parameters()])`` (the layout of
-        :meth:`BatchedNet.unflatten <models.functional.BatchedNet.unflatten>`). The ``G = T * B`` weight sets
+        :meth:`BatchedNet.unflatten <hbmeta.models.functional.BatchedNet.unflatten>`). The ``G = T * B`` weight sets
         are folded into the channel dim, task-major, so the images of task ``t`` are read once for its ``B``
         weight sets: layer 1 is a convolution with ``groups = T`` (no copy of ``x`` per sample), layers 2-4
         with ``groups = G``. Batch norm of each (weight set, channel) over ``(N, H, W)`` is one ``F.batch_norm``
@@ -180,7 +180,7 @@ class Conv4(nn.Module):
         The head acts on each image alone, so there each image ``n`` gets
         :math:`W_n = \bar W + \Delta W \odot r_n s_n^\top` (signs of ``draw(shape)``), computed as
         :math:`h_n \bar W^\top + r_n \odot ((h_n \odot s_n) \Delta W^\top)`: unbiased, with the images' noise
-        in the head decorrelated (:mod:`models.local_reparam`).
+        in the head decorrelated (:mod:`hbmeta.models.local_reparam`).
         """
         self._check_images(x, ("T", "N"))
         num_samples, num_tasks, num_images = delta.shape[0], x.shape[0], x.shape[1]

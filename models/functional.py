@@ -5,7 +5,7 @@ user's network. During inference we need ``f(x; theta)`` for a whole stack of we
 Monte-Carlo samples) in one call, without rewriting the user's module. :class:`BatchedNet` does this with
 :func:`torch.func.functional_call` under :func:`torch.vmap`; the module itself is never modified. Two fast
 paths skip vmap: batched matmuls for plain MLPs, and a module's own ``forward_batched(theta [B, T, P],
-x [T, N, ...]) -> [B, T, N, ...]`` where it defines one (e.g. :class:`~models.conv.Conv4`, whose grouped
+x [T, N, ...]) -> [B, T, N, ...]`` where it defines one (e.g. :class:`~hbmeta.models.conv.Conv4`, whose grouped
 convolutions are much faster than conv2d under vmap).
 """
 

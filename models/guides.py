@@ -15,7 +15,7 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
-from models.posterior import Posterior
+from hbmeta.models.posterior import Posterior
 
 __all__ = ["Guide", "MeanFieldGuide", "DeltaGuide", "FullCovarianceGuide", "LowRankGuide", "GUIDES", "make_guide"]
 

@@ -14,7 +14,7 @@ while most stay put (sparse adaptation). Both are meta-learned with GEM (GEM-BML
 
   and torch's analytic ``KL(Normal || Laplace)`` lets the inner update keep its analytic-KL ELBO.
 - :class:`StudentTPrior` has no closed form: GEM uses the Monte-Carlo form
-  (:func:`inference.gem.mc_gem_gradient`) and the inner update's KL is estimated by sampling (Pyro's
+  (:func:`hbmeta.inference.gem.mc_gem_gradient`) and the inner update's KL is estimated by sampling (Pyro's
   ``TraceMeanField_ELBO`` falls back to ``log p - log q`` at the guide's draw where no KL is registered).
 """
 
@@ -26,8 +26,8 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
-from models.posterior import Posterior
-from models.priors import Prior, expectation_gradient
+from hbmeta.models.posterior import Posterior
+from hbmeta.models.priors import Prior, expectation_gradient
 
 __all__ = ["LaplacePrior", "StudentTPrior"]
 
@@ -118,7 +118,7 @@ class LaplacePrior(_LocationScalePrior):
 class StudentTPrior(_LocationScalePrior):
     r"""``theta_i ~ StudentT(nu, mu_i, b_i)`` with ``Theta = (mu, log b)`` and fixed degrees of freedom ``nu``.
 
-    No closed-form GEM gradient: :func:`inference.gem.gem_gradient` uses the Monte-Carlo form.
+    No closed-form GEM gradient: :func:`hbmeta.inference.gem.gem_gradient` uses the Monte-Carlo form.
 
     Args:
         loc: prior mean ``mu`` ``[P]``.

@@ -5,8 +5,8 @@ r"""The hierarchical model of GEM-BML (section 2.2, Figure 1b), written as a Pyr
     \quad (\tau = 1..T \text{ in one } \texttt{pyro.plate("tasks")})
 
 Built from three swappable parts around an untouched ``nn.Module`` (as TyXe's BNNs are): a
-:class:`~models.priors.Prior`, a :class:`~models.likelihoods.Likelihood` and the network's functional view
-:class:`~models.functional.BatchedNet`. The prior used inside the model can be overridden by any
+:class:`~hbmeta.models.priors.Prior`, a :class:`~hbmeta.models.likelihoods.Likelihood` and the network's functional view
+:class:`~hbmeta.models.functional.BatchedNet`. The prior used inside the model can be overridden by any
 distribution with batch shape ``[T]`` (the sequential update VI(lambda_tr, D_val) uses q_tr as the prior).
 """
 
@@ -17,10 +17,10 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
-from models.functional import BatchedNet
-from models.likelihoods import Likelihood
-from models.posterior import Posterior
-from models.priors import Prior
+from hbmeta.models.functional import BatchedNet
+from hbmeta.models.likelihoods import Likelihood
+from hbmeta.models.posterior import Posterior
+from hbmeta.models.priors import Prior
 
 __all__ = ["HierarchicalModel"]
 
@@ -52,7 +52,7 @@ class HierarchicalModel:
         return theta
 
     def initial_posterior(self, x: Tensor, y: Tensor) -> Posterior:
-        """Where the inner update on data ``(x, y)`` starts: the prior's :meth:`~models.priors.Prior.start_posterior`
+        """Where the inner update on data ``(x, y)`` starts: the prior's :meth:`~hbmeta.models.priors.Prior.start_posterior`
         (the prior itself for most priors; the best-fitting component for a mixture)."""
         return self.prior.start_posterior(x.shape[0], lambda theta: self.log_likelihood(theta, x, y))
 

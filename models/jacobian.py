@@ -5,12 +5,12 @@ outputs ``f [T, N, O]`` (flattened output dims) and
 
 .. math:: J_{\tau} = \frac{\partial f(x_\tau; \theta_\tau)}{\partial \theta_\tau} \in \mathbb{R}^{(N O) \times P},
 
-returned as ``[T, N, O, P]``. The Gauss-Newton inner update (:mod:`inference.gauss_newton`) builds its
+returned as ``[T, N, O, P]``. The Gauss-Newton inner update (:mod:`hbmeta.inference.gauss_newton`) builds its
 curvature ``J^T H J`` from it.
 
 Two ways:
 
-- **any network** (:class:`~models.functional.BatchedNet`): reverse mode, one vector-Jacobian product per
+- **any network** (:class:`~hbmeta.models.functional.BatchedNet`): reverse mode, one vector-Jacobian product per
   output row, vmapped over the rows. Tasks are independent (task ``tau``'s outputs depend on
   ``theta_tau`` only), so a cotangent that is one-hot at row ``k`` in *every* task gives row ``k`` of every
   task's Jacobian in one pass: ``N O`` passes in all, not ``T N O``.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.functional import BatchedNet
+from hbmeta.models.functional import BatchedNet
 
 __all__ = ["output_jacobian", "mlp_jacobian", "vjp_jacobian"]
 

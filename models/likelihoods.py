@@ -9,7 +9,7 @@ Each likelihood maps network outputs ``pred [*S, T, N, ...]`` and targets to
 - ``curvature(pred, y)``: the gradient and Gauss-Newton Hessian in the outputs (the Gauss-Newton inner update),
 - ``expected_log_prob(mean, cov, y)``: :math:`\mathbb{E}\, \log p(y \mid f)` for Gaussian outputs
   ``f ~ N(mean, cov)`` to second order (exact for the Gaussian likelihood), which with the linearised posterior
-  of the weights gives the GEM gradient of the likelihood's own parameters (:mod:`inference.gem`).
+  of the weights gives the GEM gradient of the likelihood's own parameters (:mod:`hbmeta.inference.gem`).
 
 A likelihood is an ``nn.Module``: a learned noise scale or temperature (``learn_scale=True``) is an
 ``nn.Parameter`` that GEM-BML(+) meta-learns with the prior (Fisher's identity,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.posterior import Posterior
+from hbmeta.models.posterior import Posterior
 
 __all__ = ["linear_network", "exact_log_marginal", "exact_posterior"]
 

@@ -11,7 +11,7 @@ The paper estimates it instead by
 - **Flipout** (Wen et al. 2018) for convolutions: one perturbation :math:`\Delta W = s \odot \epsilon` per sample,
   decorrelated across data points by random signs, :math:`W_n = \bar W + \Delta W \odot r_n s_n^\top`, computed as
   :math:`\mathrm{conv}(x_n, \bar W) + r_n \odot \mathrm{conv}(x_n \odot s_n, \Delta W)`
-  (:meth:`models.conv.Conv4.forward_flipout`).
+  (:meth:`hbmeta.models.conv.Conv4.forward_flipout`).
 
 Both leave every data point's marginal distribution of outputs exactly that of plain reparameterisation (so the
 expected log-likelihood, a sum over points, is unbiased) while making the points' noise (nearly) independent,
@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from models.functional import BatchedNet
+from hbmeta.models.functional import BatchedNet
 
 __all__ = ["mlp_local_forward", "supports_local_noise", "local_forward"]
 

@@ -30,8 +30,8 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
-from models.posterior import Posterior
-from models.priors import Prior, expectation_gradient
+from hbmeta.models.posterior import Posterior
+from hbmeta.models.priors import Prior, expectation_gradient
 
 __all__ = ["LowRankGaussianPrior", "lowrank_expected_log_prob"]
 

@@ -8,7 +8,7 @@ For task distributions with several modes (sinusoids, lines, quadratics) one Gau
 the modes; a mixture puts a component on each. Two GEM estimators:
 
 - **Monte Carlo** (any guide): :math:`\frac1S \sum_s \nabla_\Theta \log p(\theta_s; \Theta)`,
-  :math:`\theta_s \sim q_\tau` (:func:`inference.gem.mc_gem_gradient`).
+  :math:`\theta_s \sim q_\tau` (:func:`hbmeta.inference.gem.mc_gem_gradient`).
 - **EM-style closed form** (:meth:`MixtureGaussianPrior.gem_gradient`, mean-field / point-mass guides):
   responsibilities of the task's posterior under each component,
 
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.posterior import Posterior
-from models.priors import Prior, expectation_gradient
+from hbmeta.models.posterior import Posterior
+from hbmeta.models.priors import Prior, expectation_gradient
 
 __all__ = ["MixtureGaussianPrior", "component_expected_log_prob"]
 

@@ -3,7 +3,7 @@ r"""Gaussian MLP policy ``pi(a | x; theta) = N(a; f_mu(x; theta), diag exp(2 log
 The network is MAML's RL policy (Finn et al. 2017, sec. 5.3): 2 hidden layers of 100 ReLU units for the mean
 and a state-independent, learned log standard deviation. Its flat weights ``theta`` (``log_std`` first, then the mean
 network's, in ``named_parameters`` order) carry the hierarchical prior like any other ``nn.Module`` 's; :meth:`GaussianMLPPolicy.forward_batched`
-lets :class:`~models.functional.BatchedNet` run many weight vectors (tasks x Monte-Carlo samples) in batched
+lets :class:`~hbmeta.models.functional.BatchedNet` run many weight vectors (tasks x Monte-Carlo samples) in batched
 matmuls. The output is ``[mean, log_std]`` concatenated on the last dimension; :func:`split_policy_output`
 and :func:`gaussian_log_prob` read it.
 """
@@ -28,7 +28,7 @@ class GaussianMLPPolicy(nn.Module):
         init_log_std: initial ``log_std`` (MAML: 0, i.e. unit standard deviation).
 
     Example:
-        >>> from models.functional import BatchedNet
+        >>> from hbmeta.models.functional import BatchedNet
         >>> policy = BatchedNet(GaussianMLPPolicy(2, 2))
         >>> theta = policy.initial_vector().expand(3, -1)          # 3 tasks
         >>> policy(theta, torch.zeros(3, 5, 2)).shape                # [T, N, 2 * act_dim]

@@ -13,11 +13,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-from models.functional import BatchedNet
-from models.heavy_tailed import LaplacePrior, StudentTPrior
-from models.lowrank_prior import LowRankGaussianPrior
-from models.mixture_prior import MixtureGaussianPrior
-from models.priors import DiagonalGaussianPrior, Prior
+from hbmeta.models.functional import BatchedNet
+from hbmeta.models.heavy_tailed import LaplacePrior, StudentTPrior
+from hbmeta.models.lowrank_prior import LowRankGaussianPrior
+from hbmeta.models.mixture_prior import MixtureGaussianPrior
+from hbmeta.models.priors import DiagonalGaussianPrior, Prior
 
 __all__ = ["PRIORS", "make_prior"]
 
@@ -55,7 +55,7 @@ def make_prior(name: str, net_or_vector: nn.Module | BatchedNet | Tensor, scale:
         **kw: passed to the prior's constructor (e.g. ``df`` for ``studentt``, ``learn_weights`` for ``mixture``).
 
     Example:
-        >>> from models.functional import mlp
+        >>> from hbmeta.models.functional import mlp
         >>> prior = make_prior("mixture", mlp(), components=3)   # 3 components over the 1,761 weights
         >>> prior.mu.shape, prior.weights.tolist()
         (torch.Size([3, 1761]), [0.3333333432674408, 0.3333333432674408, 0.3333333432674408])

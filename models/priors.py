@@ -9,7 +9,7 @@ gradient
     \hat g_\tau = \mathbb{E}_{\theta \sim q_\tau} \nabla_\Theta \log p(\theta; \Theta)
 
 (GEM-BML section 3.2, Theorem 1; Gaussian case in appendix B.7). Priors without a closed form return
-``None`` and the Monte-Carlo form :func:`inference.gem.mc_gem_gradient` is used instead.
+``None`` and the Monte-Carlo form :func:`hbmeta.inference.gem.mc_gem_gradient` is used instead.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
-from models.posterior import Posterior
+from hbmeta.models.posterior import Posterior
 
 __all__ = ["Prior", "DiagonalGaussianPrior", "ParticlePrior", "expectation_gradient"]
 

@@ -9,7 +9,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    from hbmeta.data import default_data_root
+    from hbmeta.tasks.data import default_data_root
 
     root = default_data_root()
     if (root / "omniglot").is_dir():

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from hbmeta.accuracy import (
+from hbmeta.bench.accuracy import (
     AccuracyBenchConfig,
     collect_results,
     format_accuracy_table,
@@ -58,7 +58,7 @@ def test_a_finished_run_is_reused_and_other_settings_are_refused(tmp_path):
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path):
-    from hbmeta.train import train
+    from hbmeta.training.loop import train
 
     config = small(tmp_path, algorithms=("reptile",), seeds=(0,))
     folder = run_dir(config, "sinusoid", "reptile", 0)

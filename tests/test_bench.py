@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from hbmeta.bench import (LOWER_BOUND, PYRO_TRACED, SVI, StepBenchConfig, format_step_table, peak_saved_bytes,
+from hbmeta.bench.step import (LOWER_BOUND, PYRO_TRACED, SVI, StepBenchConfig, format_step_table, peak_saved_bytes,
                           run_step_benchmark, write_step_benchmark)
 
 ALGORITHMS = ("gem-bml+", SVI, PYRO_TRACED, "maml", "fomaml", "reptile", "abml")
@@ -73,7 +73,7 @@ def test_table_and_output_files(result, tmp_path):
 def test_scaling_benchmark_conv4_memory_flat_for_gem_growing_for_unrolled(tmp_path):
     """``hbmeta bench scaling`` on a small conv4 (16x16 inputs): every algorithm has its rows, GEM-BML+,
     FOMAML, Reptile and iMAML keep the same saved memory at 1 and 3 inner steps, MAML/ABML/BMAML grow."""
-    from hbmeta.scaling import ScalingBenchConfig, format_scaling_table, run_scaling_benchmark, write_scaling_benchmark
+    from hbmeta.bench.scaling import ScalingBenchConfig, format_scaling_table, run_scaling_benchmark, write_scaling_benchmark
 
     config = ScalingBenchConfig(steps=(1, 3), image_size=16, queries=2, meta_batch=2, repeats=1, warmup=0)
     result = run_scaling_benchmark(config)

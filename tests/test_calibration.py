@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from hbmeta.calibration import accuracy_ci95, calibration_errors, predictive_probabilities, reliability_diagram
-from hbmeta.evaluate import mean_ci95
-from inference.learner import MetaLearner
-from models import CategoricalLikelihood, mlp
+from hbmeta.evaluation.calibration import accuracy_ci95, calibration_errors, predictive_probabilities, reliability_diagram
+from hbmeta.evaluation.meta_test import mean_ci95
+from hbmeta.inference.learner import MetaLearner
+from hbmeta.models import CategoricalLikelihood, mlp
 
 
 def _binary(confidence: torch.Tensor) -> torch.Tensor:

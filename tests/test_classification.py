@@ -7,11 +7,12 @@ import json
 import pytest
 
 from hbmeta.cli import main
-from hbmeta.config import TrainConfig
-from hbmeta.data import default_data_root
-from hbmeta.evaluate import evaluate_classification
-from hbmeta.experiments import get_experiment
-from hbmeta.train import build_learner, load_learner, train
+from hbmeta.experiments.config import TrainConfig
+from hbmeta.tasks.data import default_data_root
+from hbmeta.evaluation.meta_test import evaluate_classification
+from hbmeta.experiments.registry import get_experiment
+from hbmeta.training.loop import train
+from hbmeta.training.runs import build_learner, load_learner
 
 HAVE_OMNIGLOT = (default_data_root() / "omniglot" / "images_background.npz").exists()
 needs_omniglot = pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot npz files not found (set HBMETA_DATA)")
@@ -93,10 +94,10 @@ def test_gauss_newton_adaptation_does_not_collapse_with_more_steps_than_trained(
     import torch
     from torch import nn
 
-    from hbmeta.fewshot import omniglot_tasks
-    from inference.inner import InnerConfig
-    from inference.learner import MetaLearner
-    from models.likelihoods import CategoricalLikelihood
+    from hbmeta.tasks.fewshot import omniglot_tasks
+    from hbmeta.inference.inner import InnerConfig
+    from hbmeta.inference.learner import MetaLearner
+    from hbmeta.models.likelihoods import CategoricalLikelihood
 
     class Flatten(nn.Module):
         def forward(self, x):

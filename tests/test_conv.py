@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from models import BatchedNet, Conv4
+from hbmeta.models import BatchedNet, Conv4
 
 VARIANTS = {
     "omniglot": (lambda: Conv4.omniglot(5), (1, 28, 28)),

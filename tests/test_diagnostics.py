@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from hbmeta.config import TrainConfig
-from hbmeta.calibration import gaussian_mixture_pit, ks_uniform, pit_uniformity
-from hbmeta.diagnostics import diagnose, diagnose_run, diagnostic_plots, posterior_to_arviz, weight_indices
-from hbmeta.tasks import SinusoidTasks
-from hbmeta.train import train
-from inference.batch import TaskBatch
-from inference.learner import MetaLearner
-from models import CategoricalLikelihood, GaussianLikelihood, mlp
+from hbmeta.experiments.config import TrainConfig
+from hbmeta.evaluation.calibration import gaussian_mixture_pit, ks_uniform, pit_uniformity
+from hbmeta.evaluation.diagnostics import diagnose, diagnose_run, diagnostic_plots, posterior_to_arviz, weight_indices
+from hbmeta.tasks.sinusoid import SinusoidTasks
+from hbmeta.training.loop import train
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.learner import MetaLearner
+from hbmeta.models import CategoricalLikelihood, GaussianLikelihood, mlp
 
 
 
@@ -172,7 +172,7 @@ def test_without_arviz_the_module_imports_and_its_functions_raise_an_install_hin
     learner = MetaLearner(mlp(1, (4,), 1), GaussianLikelihood(0.5))
     batch = SinusoidTasks(k_shot=3, k_query=3).sample(2, torch.Generator().manual_seed(0))
     monkeypatch.setitem(sys.modules, "arviz", None)  # `import arviz` now raises ImportError
-    spec = importlib.util.find_spec("hbmeta.diagnostics")
+    spec = importlib.util.find_spec("hbmeta.evaluation.diagnostics")
     fresh = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fresh)  # a fresh copy of the module imports fine without arviz
     post = learner.adapt(batch.x_train, batch.y_train, steps=0)

@@ -1,4 +1,4 @@
-"""Distributed meta-training (hbmeta.distributed): 2 gloo processes on the CPU reproduce the single-process run,
+"""Distributed meta-training (hbmeta.training.distributed): 2 gloo processes on the CPU reproduce the single-process run,
 private mode puts only posterior / prior parameters on the wire, a dead worker stops torchrun and --resume
 finishes the run at the uninterrupted run's parameters."""
 
@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hbmeta.checkpoint import load_checkpoint
+from hbmeta.training.runs import load_checkpoint
 from hbmeta.cli import main
-from hbmeta.config import TrainConfig
-from hbmeta.distributed import (
+from hbmeta.experiments.config import TrainConfig
+from hbmeta.training.distributed import (
     check_distributable,
     init_distributed,
     pack_posterior,
@@ -26,9 +26,10 @@ from hbmeta.distributed import (
     task_slice,
     unpack_posterior,
 )
-from hbmeta.precision import amp_autocast
-from hbmeta.train import build_learner, train
-from models.posterior import Posterior
+from hbmeta.training.runtime import amp_autocast
+from hbmeta.training.loop import train
+from hbmeta.training.runs import build_learner
+from hbmeta.models.posterior import Posterior
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_PARAMS = 1761  # the 2 x 40 sinusoid MLP
@@ -80,7 +81,7 @@ def _worker(rank: int, world_size: int, port: int, config: dict, run_dir: str, r
 
     for name in _COLLECTIVES:
         setattr(dist, name, recording(name, getattr(dist, name)))
-    from hbmeta.distributed import train_distributed
+    from hbmeta.training.distributed import train_distributed
 
     train_distributed(TrainConfig.from_dict(config), run_dir, resume=resume, progress=False)
     Path(record_dir, f"rank{rank}.json").write_text(json.dumps(sent))
@@ -167,7 +168,7 @@ def test_amp_refuses_maml_and_runs_a_gem_plus_step_in_bf16_autocast():
         amp_autocast(True, torch.device("cpu"), "maml")
     config = run_config("gem-bml+", amp=True)
     learner, reference = build_learner(config), build_learner(config)
-    from hbmeta.tasks import SinusoidTasks
+    from hbmeta.tasks.sinusoid import SinusoidTasks
 
     batch = SinusoidTasks().sample(4, torch.Generator().manual_seed(0))
     with amp_autocast(True, torch.device("cpu"), "gem-bml+"):

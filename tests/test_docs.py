@@ -5,12 +5,12 @@ import doctest
 import pytest
 
 import hbmeta
-import hbmeta.calibration
-import hbmeta.fewshot
-import models.functional
+import hbmeta.evaluation.calibration
+import hbmeta.tasks.fewshot
+import hbmeta.models.functional
 
 
-@pytest.mark.parametrize("module", [hbmeta, hbmeta.calibration, hbmeta.fewshot, models.functional], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [hbmeta, hbmeta.evaluation.calibration, hbmeta.tasks.fewshot, hbmeta.models.functional], ids=lambda m: m.__name__)
 def test_docstring_examples_run(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

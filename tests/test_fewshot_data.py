@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from hbmeta.data import (default_data_root, load_miniimagenet, load_omniglot, load_omniglot_folder,
+from hbmeta.tasks.data import (default_data_root, load_miniimagenet, load_omniglot, load_omniglot_folder,
                          omniglot_classes)
-from hbmeta.fewshot import FewShotBatch, FewShotTasks, miniimagenet_tasks, omniglot_tasks
+from hbmeta.tasks.fewshot import FewShotBatch, FewShotTasks, miniimagenet_tasks, omniglot_tasks
 
 DATA = default_data_root()
 OMNIGLOT = DATA / "omniglot"

@@ -12,16 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from inference.batch import TaskBatch
-from inference.gauss_newton import gauss_newton_fit
-from inference.gem import gem_gradient, gem_plus_posteriors
-from inference.inner import InnerConfig, InnerLoopDivergedError, fit_posterior
-from models import CategoricalLikelihood, DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel, MeanFieldGuide
-from models.conv import Conv4
-from models.functional import BatchedNet, mlp
-from models.guides import DeltaGuide, FullCovarianceGuide, LowRankGuide
-from models.jacobian import mlp_jacobian, output_jacobian, vjp_jacobian
-from models.linear import exact_log_marginal, exact_posterior, linear_network
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.gauss_newton import gauss_newton_fit
+from hbmeta.inference.gem import gem_gradient, gem_plus_posteriors
+from hbmeta.inference.inner import InnerConfig, InnerLoopDivergedError, fit_posterior
+from hbmeta.models import CategoricalLikelihood, DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel, MeanFieldGuide
+from hbmeta.models.conv import Conv4
+from hbmeta.models.functional import BatchedNet, mlp
+from hbmeta.models.guides import DeltaGuide, FullCovarianceGuide, LowRankGuide
+from hbmeta.models.jacobian import mlp_jacobian, output_jacobian, vjp_jacobian
+from hbmeta.models.linear import exact_log_marginal, exact_posterior, linear_network
 from tests.test_oracle import assert_rel_close_per_task, autograd_gradients, model_for, problem
 
 D = torch.float64
@@ -124,7 +124,7 @@ def test_line_search_lowers_the_map_objective_every_step_on_a_nonlinear_net():
 def test_gauss_newton_stops_once_every_task_converged_with_the_posterior_of_running_every_step(monkeypatch):
     """``tolerance``: 10 steps on a smooth net with small residuals stop after a few Jacobians, every callback still runs, and the
     posterior equals the one of all 10 steps (``tolerance=0``) to the tolerance's order."""
-    import inference.gauss_newton as gn
+    import hbmeta.inference.gauss_newton as gn
 
     torch.manual_seed(0)
     net = BatchedNet(nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 1)).double())
@@ -219,8 +219,8 @@ def test_cg_solver_on_conv4_raises_the_support_likelihood_and_shrinks_the_scales
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gauss_newton_meta_step_on_cuda_matches_the_cpu():
     """The default GEM-BML+ (Gauss-Newton VI) meta-step and the linearised predictive on CUDA equal the CPU's."""
-    from hbmeta.tasks import SinusoidTasks
-    from inference.learner import MetaLearner
+    from hbmeta.tasks.sinusoid import SinusoidTasks
+    from hbmeta.inference.learner import MetaLearner
 
     batch = SinusoidTasks().sample(8, torch.Generator().manual_seed(0))
     learners = {}

@@ -6,15 +6,15 @@ import math
 import pytest
 import torch
 
-from hbmeta.bench import peak_saved_bytes
-from hbmeta.tasks import SinusoidTasks
-from inference.batch import TaskBatch
-from inference.bmaml import bmaml_gradient, median_bandwidth, svgd, svgd_direction
-from inference.imaml import conjugate_gradient, imaml_gradient, implicit_meta_gradient, proximal_adapt
-from inference.inner import InnerConfig
-from inference.learner import MetaLearner
-from models import DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel, ParticlePrior, Posterior, mlp
-from models.linear import linear_network
+from hbmeta.bench.step import peak_saved_bytes
+from hbmeta.tasks.sinusoid import SinusoidTasks
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.bmaml import bmaml_gradient, median_bandwidth, svgd, svgd_direction
+from hbmeta.inference.imaml import conjugate_gradient, imaml_gradient, implicit_meta_gradient, proximal_adapt
+from hbmeta.inference.inner import InnerConfig
+from hbmeta.inference.learner import MetaLearner
+from hbmeta.models import DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel, ParticlePrior, Posterior, mlp
+from hbmeta.models.linear import linear_network
 
 TASKS = SinusoidTasks(k_shot=5, k_query=5)
 

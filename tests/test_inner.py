@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from inference.batch import TaskBatch
-from inference.gem import gem_bml_gradient
-from inference.inner import InnerConfig, InnerLoopDivergedError, fit_posterior, negative_elbo
-from inference.reptile import reptile_gradient
-from models import (DeltaGuide, DiagonalGaussianPrior, FullCovarianceGuide, GaussianLikelihood, HierarchicalModel,
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.gem import gem_bml_gradient
+from hbmeta.inference.inner import InnerConfig, InnerLoopDivergedError, fit_posterior, negative_elbo
+from hbmeta.inference.reptile import reptile_gradient
+from hbmeta.models import (DeltaGuide, DiagonalGaussianPrior, FullCovarianceGuide, GaussianLikelihood, HierarchicalModel,
                     MeanFieldGuide, mlp)
 
 
@@ -108,7 +108,7 @@ def test_inner_config_rejects_unknown_optimizer_and_bad_values():
 def test_safeguarded_svi_never_raises_the_deterministic_objective(float64):
     """InnerConfig(safeguard=True): Adam at a rate that overshoots keeps only steps that lower
     -log p(D | m) + KL(q || p) per task; without the safeguard the same run raises it."""
-    from inference.inner import _task_objective
+    from hbmeta.inference.inner import _task_objective
 
     model = _model()
     x, y = _data(num_tasks=3)

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from hbmeta.config import TrainConfig
-from hbmeta.evaluate import mean_ci95, regression_errors
-from hbmeta.tasks import SinusoidTasks
-from hbmeta.train import build_learner, train
+from hbmeta.experiments.config import TrainConfig
+from hbmeta.evaluation.meta_test import mean_ci95, regression_errors
+from hbmeta.tasks.sinusoid import SinusoidTasks
+from hbmeta.training.loop import train
+from hbmeta.training.runs import build_learner
 
 BUDGET = dict(experiment="sinusoid", iterations=400, meta_batch=10, device="cpu", checkpoint_every=1000)
 

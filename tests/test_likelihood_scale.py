@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from inference.batch import TaskBatch
-from inference.gem import gem_plus_gradient, likelihood_gem_gradient
-from inference.inner import InnerConfig
-from inference.learner import MetaLearner
-from models import CategoricalLikelihood, DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel
-from models.guides import FullCovarianceGuide
-from models.linear import exact_log_marginal, exact_posterior, linear_network
-from models.posterior import Posterior
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.gem import gem_plus_gradient, likelihood_gem_gradient
+from hbmeta.inference.inner import InnerConfig
+from hbmeta.inference.learner import MetaLearner
+from hbmeta.models import CategoricalLikelihood, DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel
+from hbmeta.models.guides import FullCovarianceGuide
+from hbmeta.models.linear import exact_log_marginal, exact_posterior, linear_network
+from hbmeta.models.posterior import Posterior
 from tests.test_oracle import problem
 
 D = torch.float64

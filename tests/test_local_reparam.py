@@ -10,15 +10,15 @@ import math
 import pytest
 import torch
 
-import inference.inner as inner
-from inference.batch import TaskBatch
-from inference.gem import gem_plus_gradient
-from inference.inner import CommonNoise, InnerConfig, clip_per_task
-from models import DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel, MeanFieldGuide
-from models.conv import Conv4
-from models.functional import BatchedNet, mlp
-from models.likelihoods import CategoricalLikelihood
-from models.local_reparam import local_forward
+import hbmeta.inference.inner as inner
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.gem import gem_plus_gradient
+from hbmeta.inference.inner import CommonNoise, InnerConfig, clip_per_task
+from hbmeta.models import DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel, MeanFieldGuide
+from hbmeta.models.conv import Conv4
+from hbmeta.models.functional import BatchedNet, mlp
+from hbmeta.models.likelihoods import CategoricalLikelihood
+from hbmeta.models.local_reparam import local_forward
 
 D = torch.float64
 

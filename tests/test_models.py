@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from hbmeta.config import resolve_device
-from models import (BatchedNet, CategoricalLikelihood, DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel,
+from hbmeta.training.runtime import resolve_device
+from hbmeta.models import (BatchedNet, CategoricalLikelihood, DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel,
                     Posterior, mlp)
 
 
@@ -89,10 +89,10 @@ def test_cuda_without_gpu_is_a_clear_error():
 
 
 def test_prior_scale_ceiling_holds_after_meta_steps():
-    from hbmeta.tasks import SinusoidTasks
-    from inference.learner import MetaLearner
+    from hbmeta.tasks.sinusoid import SinusoidTasks
+    from hbmeta.inference.learner import MetaLearner
 
-    from inference.learner import default_inner
+    from hbmeta.inference.learner import default_inner
 
     learner = MetaLearner(mlp(1, (8,), 1), GaussianLikelihood(0.5), algorithm="gem-bml+", meta_lr=0.5,
                           prior_scale=0.02, max_prior_scale=0.021, inner=default_inner("gem-bml+", gauss_newton=False))
@@ -104,7 +104,7 @@ def test_prior_scale_ceiling_holds_after_meta_steps():
 
 
 def test_zero_max_prior_scale_means_no_ceiling():
-    from hbmeta.config import TrainConfig
+    from hbmeta.experiments.config import TrainConfig
 
     assert TrainConfig(max_prior_scale=0).prior_scale_ceiling is None
     assert TrainConfig(inner_method="svi").prior_scale_ceiling == 0.1  # SVI's default ceiling

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from hbmeta.config import TrainConfig
-from hbmeta.experiments import get_experiment
-from hbmeta.multimodal import FAMILIES, MultimodalTasks
-from hbmeta.train import train
-from models.mixture_prior import MixtureGaussianPrior
+from hbmeta.experiments.config import TrainConfig
+from hbmeta.experiments.registry import get_experiment
+from hbmeta.tasks.multimodal import FAMILIES, MultimodalTasks
+from hbmeta.training.loop import train
+from hbmeta.models.mixture_prior import MixtureGaussianPrior
 
 
 def test_multimodal_tasks_draw_every_family_with_its_own_function():

@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from hbmeta.gradient_study import GradientStudyConfig, _elbo_estimates, format_table, run_gradient_study, write_gradient_study
-from inference.batch import TaskBatch
-from inference.elbo_gradient import elbo_gradient
-from inference.gem import gem_gradient, gem_plus_posteriors, mc_gem_gradient
-from inference.inner import InnerConfig, fit_posterior
-from models import DiagonalGaussianPrior, FullCovarianceGuide, GaussianLikelihood, HierarchicalModel, MeanFieldGuide
-from models.linear import exact_log_marginal, exact_posterior, linear_network
-from models.posterior import Posterior
+from hbmeta.bench.gradient_study import GradientStudyConfig, _elbo_estimates, format_table, run_gradient_study, write_gradient_study
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.elbo_gradient import elbo_gradient
+from hbmeta.inference.gem import gem_gradient, gem_plus_posteriors, mc_gem_gradient
+from hbmeta.inference.inner import InnerConfig, fit_posterior
+from hbmeta.models import DiagonalGaussianPrior, FullCovarianceGuide, GaussianLikelihood, HierarchicalModel, MeanFieldGuide
+from hbmeta.models.linear import exact_log_marginal, exact_posterior, linear_network
+from hbmeta.models.posterior import Posterior
 
 D = torch.float64
 
@@ -150,7 +150,7 @@ def test_closed_form_gem_equals_monte_carlo_gem(kind):
 
 def test_study_elbo_estimator_matches_library_elbo_gradient(float64):  # elbo_gradient draws noise in the default dtype
     """The study's own unroll (per-run priors, gradients at every K) reproduces
-    inference.elbo_gradient.elbo_gradient (summed over tasks) given the same noise."""
+    hbmeta.inference.elbo_gradient.elbo_gradient (summed over tasks) given the same noise."""
     s, steps, lr, samples = 0.5, 7, 0.01, 4
     x, y, prior = problem(4)
     model = model_for(prior, s)

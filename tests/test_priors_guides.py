@@ -8,23 +8,23 @@ import pytest
 import torch
 
 from hbmeta.cli import build_parser
-from hbmeta.config import TrainConfig
-from hbmeta.train import build_learner
-from inference.autoguide import fit_autoguide
-from inference.batch import TaskBatch
-from inference.gem import mc_gem_gradient
-from inference.inner import InnerConfig, fit_posterior, negative_elbo
-from inference.learner import MetaLearner
-from models.functional import mlp
-from models.guides import LowRankGuide, MeanFieldGuide, make_guide
-from models.heavy_tailed import LaplacePrior, StudentTPrior
-from models.hierarchical import HierarchicalModel
-from models.likelihoods import GaussianLikelihood
-from models.lowrank_prior import LowRankGaussianPrior
-from models.mixture_prior import MixtureGaussianPrior
-from models.posterior import Posterior
-from models.prior_factory import PRIORS, make_prior
-from models.priors import DiagonalGaussianPrior
+from hbmeta.experiments.config import TrainConfig
+from hbmeta.training.runs import build_learner
+from hbmeta.inference.autoguide import fit_autoguide
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.gem import mc_gem_gradient
+from hbmeta.inference.inner import InnerConfig, fit_posterior, negative_elbo
+from hbmeta.inference.learner import MetaLearner
+from hbmeta.models.functional import mlp
+from hbmeta.models.guides import LowRankGuide, MeanFieldGuide, make_guide
+from hbmeta.models.heavy_tailed import LaplacePrior, StudentTPrior
+from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.likelihoods import GaussianLikelihood
+from hbmeta.models.lowrank_prior import LowRankGaussianPrior
+from hbmeta.models.mixture_prior import MixtureGaussianPrior
+from hbmeta.models.posterior import Posterior
+from hbmeta.models.prior_factory import PRIORS, make_prior
+from hbmeta.models.priors import DiagonalGaussianPrior
 
 
 def _posterior_near(loc: torch.Tensor, num_tasks: int, spread: float, sd: float, seed: int) -> Posterior:
@@ -48,7 +48,7 @@ def test_closed_form_gem_equals_monte_carlo_form(name, float64):
 
 
 def test_student_t_prior_has_no_closed_form_and_gem_falls_back_to_monte_carlo():
-    from inference.gem import gem_gradient
+    from hbmeta.inference.gem import gem_gradient
 
     prior = StudentTPrior(torch.zeros(4), math.log(0.5))
     post = Posterior(torch.ones(2, 4), 0.1 * torch.ones(2, 4))
@@ -179,7 +179,7 @@ def test_lowrank_guide_samples_its_covariance_and_fits(float64):
 def test_lowrank_guide_sequential_update_is_whitened_like_the_joint_one():
     """VI(q1, D_val) has the low-rank q1 as its prior: the guide must be whitened against it, or plain SGD at
     the default rate overshoots (measured before the fix: a meta-gradient ~10x the joint update's)."""
-    from hbmeta.tasks import SinusoidTasks
+    from hbmeta.tasks.sinusoid import SinusoidTasks
 
     batch = SinusoidTasks().sample(10, torch.Generator().manual_seed(0))
     norms = {}
@@ -221,9 +221,9 @@ def test_gem_bml_plus_meta_step_moves_every_prior(name):
 
 
 def test_make_prior_docstring_example_runs():
-    import models.prior_factory
+    import hbmeta.models.prior_factory
 
-    result = doctest.testmod(models.prior_factory)
+    result = doctest.testmod(hbmeta.models.prior_factory)
     assert result.attempted > 0 and result.failed == 0
 
 

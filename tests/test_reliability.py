@@ -5,13 +5,15 @@ import json
 import pytest
 import torch
 
-from hbmeta.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hbmeta.training.runs import CheckpointError, load_checkpoint, save_checkpoint
 from hbmeta.cli import main
-from hbmeta.config import TrainConfig, resolve_device
-from hbmeta.train import load_learner, train
-from inference.batch import TaskBatch
-from inference.learner import MetaLearner
-from models import GaussianLikelihood, mlp
+from hbmeta.experiments.config import TrainConfig
+from hbmeta.training.runtime import resolve_device
+from hbmeta.training.loop import train
+from hbmeta.training.runs import load_learner
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.learner import MetaLearner
+from hbmeta.models import GaussianLikelihood, mlp
 
 TINY = dict(experiment="sinusoid", iterations=6, meta_batch=3, inner_steps=2, checkpoint_every=2, device="cpu",
             log_every=1)

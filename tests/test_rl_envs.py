@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hbmeta.rl.envs import HalfCheetahTasks, Nav2DTasks, make_task_distribution
+from hbmeta.tasks.rl.envs import HalfCheetahTasks, Nav2DTasks, make_task_distribution
 
 gym = pytest.importorskip("gymnasium", reason="HalfCheetah needs the rl extra (gymnasium[mujoco])")
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from inference.policy_data import PolicyData
-from inference.policy_gradient import (
+from hbmeta.inference.policy_data import PolicyData
+from hbmeta.inference.policy_gradient import (
     PolicyGradientLikelihood,
     conjugate_gradient,
     maml_trpo_step,
@@ -15,12 +15,12 @@ from inference.policy_gradient import (
     surrogate,
     trpo_posterior,
 )
-from models.functional import BatchedNet
-from models.guides import MeanFieldGuide
-from models.hierarchical import HierarchicalModel
-from models.policy import GaussianMLPPolicy, gaussian_kl, gaussian_log_prob
-from models.posterior import Posterior
-from models.priors import DiagonalGaussianPrior
+from hbmeta.models.functional import BatchedNet
+from hbmeta.models.guides import MeanFieldGuide
+from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.policy import GaussianMLPPolicy, gaussian_kl, gaussian_log_prob
+from hbmeta.models.posterior import Posterior
+from hbmeta.models.priors import DiagonalGaussianPrior
 
 
 def _bandit_policy(mean: float, log_std: float) -> BatchedNet:
@@ -134,7 +134,7 @@ def test_policy_runs_many_weight_vectors_like_the_module_itself():
 def test_policy_docstring_example_runs():
     import doctest
 
-    import models.policy
+    import hbmeta.models.policy
 
-    result = doctest.testmod(models.policy)
+    result = doctest.testmod(hbmeta.models.policy)
     assert result.attempted > 0 and result.failed == 0

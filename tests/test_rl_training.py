@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from hbmeta.cli import main
-from hbmeta.config import TrainConfig
-from hbmeta.rl.envs import Nav2DTasks
-from hbmeta.rl.evaluate import evaluate_policy
-from hbmeta.rl.report import load_evaluations, plot_returns, plot_training, returns_table
-from hbmeta.rl.train import build_policy_learner, load_policy_learner, train_rl
-from hbmeta.train import train
-from inference.rl_learner import PolicyMetaLearner
-from models.policy import GaussianMLPPolicy
+from hbmeta.experiments.config import TrainConfig
+from hbmeta.tasks.rl.envs import Nav2DTasks
+from hbmeta.evaluation.rl import evaluate_policy
+from hbmeta.evaluation.rl_report import load_evaluations, plot_returns, plot_training, returns_table
+from hbmeta.training.rl import build_policy_learner, load_policy_learner, train_rl
+from hbmeta.training.loop import train
+from hbmeta.inference.rl_learner import PolicyMetaLearner
+from hbmeta.models.policy import GaussianMLPPolicy
 
 
 def _config(algorithm="gem-bml+", **kw) -> TrainConfig:
@@ -24,7 +24,7 @@ def _config(algorithm="gem-bml+", **kw) -> TrainConfig:
 
 def test_short_nav2d_meta_training_improves_post_adaptation_return_over_the_initial_policy(tmp_path):
     config = _config(iterations=20, meta_batch=10, k_shot=10, horizon=25)
-    result = train(config, tmp_path / "run", progress=False)   # hbmeta.train dispatches RL runs to hbmeta.rl
+    result = train(config, tmp_path / "run", progress=False)   # hbmeta.training.loop dispatches RL runs to hbmeta.tasks.rl
     env = Nav2DTasks(25)
     tasks = env.sample_tasks(10, torch.Generator().manual_seed(1))
     initial = evaluate_policy(build_policy_learner(config), env, tasks, steps=1, episodes=10, seed=3)
@@ -67,7 +67,7 @@ def test_halfcheetah_meta_step_and_evaluation_run_on_a_few_hundred_steps(tmp_pat
     result = train_rl(config, tmp_path / "cheetah", progress=False)
     assert result.learner.prior.mu.shape == (GaussianMLPPolicy(17, 6).log_std.numel()
                                              + sum(p.numel() for p in GaussianMLPPolicy(17, 6).mean_net.parameters()),)
-    from hbmeta.rl.envs import HalfCheetahTasks
+    from hbmeta.tasks.rl.envs import HalfCheetahTasks
 
     env = HalfCheetahTasks("vel", horizon=25)
     evaluation = evaluate_policy(result.learner, env, torch.tensor([[0.5], [1.5]]), steps=1, episodes=2)

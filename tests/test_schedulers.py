@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from hbmeta.config import TrainConfig
-from hbmeta.fewshot import FewShotTasks
-from hbmeta.noisy import (
+from hbmeta.experiments.config import TrainConfig
+from hbmeta.tasks.fewshot import FewShotTasks
+from hbmeta.tasks.noisy import (
     NoisyBatch,
     NoisyTasks,
     flip_labels,
@@ -18,7 +18,7 @@ from hbmeta.noisy import (
     restrict_classes,
     symmetric_transition_matrix,
 )
-from hbmeta.schedulers import (
+from hbmeta.training.schedulers import (
     AdaptiveTaskScheduler,
     GreedyLossScheduler,
     UniformScheduler,
@@ -28,12 +28,12 @@ from hbmeta.schedulers import (
     task_features,
     weighted_loss_decomposition,
 )
-from hbmeta.train import train
-from inference.batch import TaskBatch
-from inference.inner import InnerConfig
-from inference.learner import MetaLearner
-from models.likelihoods import GaussianLikelihood
-from models.scheduler_net import SchedulerNet
+from hbmeta.training.loop import train
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.inner import InnerConfig
+from hbmeta.inference.learner import MetaLearner
+from hbmeta.models.likelihoods import GaussianLikelihood
+from hbmeta.models.scheduler_net import SchedulerNet
 
 
 # ------------------------------------------------------------------------------------------ Proposition 1
@@ -267,9 +267,9 @@ def test_ats_run_resumes_to_exactly_the_uninterrupted_parameters(tmp_path):
 def test_docstring_examples_of_the_scheduler_modules_run():
     import doctest
 
-    import hbmeta.noisy
-    import models.scheduler_net
+    import hbmeta.tasks.noisy
+    import hbmeta.models.scheduler_net
 
-    for module in (hbmeta.noisy, models.scheduler_net):
+    for module in (hbmeta.tasks.noisy, hbmeta.models.scheduler_net):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__

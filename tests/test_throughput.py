@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hbmeta.cli import main
-from hbmeta.throughput import (
+from hbmeta.bench.throughput import (
     ThroughputConfig,
     format_throughput_table,
     run_throughput_benchmark,

@@ -1,0 +1,342 @@
+"""The ``hbmeta`` command line: a thin layer over the Python API.
+
+    hbmeta demo                                  # GEM-BML+ vs MAML on sinusoid, ~3 min on 2 CPU cores
+    hbmeta train sinusoid --algo gem-bml+ --iterations 2000 --out runs/gem
+    hbmeta train sinusoid --algo gem-bml+ --iterations 4000 --out runs/gem --resume
+    hbmeta evaluate runs/gem --steps 10
+    hbmeta train nav2d --algo gem-bml+ --iterations 300 --out runs/nav2d   # meta-RL (--shots = rollouts per task)
+    hbmeta evaluate runs/nav2d --steps 3                                      # return after 0..3 steps
+    hbmeta gradient-study --out runs/gradient-study
+    hbmeta bench step --out runs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_train(sub) -> None:
+    from hbmeta.experiments.config import TrainConfig
+    from hbmeta.experiments.registry import EXPERIMENTS
+    from hbmeta.inference.learner import ALGORITHMS
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="meta-train an algorithm on an experiment")
+    p.add_argument("experiment", help=f"one of: {', '.join(EXPERIMENTS)}")
+    p.add_argument("--algo", "--algorithm", dest="algorithm", default=d.algorithm, help=f"one of: {', '.join(ALGORITHMS)}")
+    p.add_argument("--iterations", type=int, default=d.iterations, help="meta-iterations (the budget)")
+    p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-iteration (default: the experiment's)")
+    p.add_argument("--shots", "--k-shot", dest="k_shot", type=int, default=None,
+                   help="support points (regression) or images per class (classification)")
+    p.add_argument("--k-query", "--queries", dest="k_query", type=int, default=None,
+                   help="query points (regression) or query images per class")
+    p.add_argument("--ways", type=int, default=d.ways, help="classes per task (classification)")
+    p.add_argument("--data-root", default=None, help="folder with omniglot/ and miniimagenet-splits/ "
+                   "(default: $HBMETA_DATA or ../shared/data)")
+    p.add_argument("--split", default=d.split, choices=["paper", "vinyals"],
+                   help="Omniglot character split: the paper's 1200/423 or Vinyals et al.'s")
+    p.add_argument("--inner-steps", type=int, default=None)
+    p.add_argument("--inner-lr", type=float, default=None)
+    p.add_argument("--inner-optimizer", default=None, help="adam, sgd or any torch.optim name")
+    p.add_argument("--inner-scale-lr", type=float, default=None, help="inner learning rate of the guide's scales")
+    p.add_argument("--num-samples", type=int, default=None, help="Monte-Carlo samples per inner step")
+    p.add_argument("--clip-norm", type=float, default=None, help="per-task gradient clipping in the inner loop")
+    p.add_argument("--test-steps", type=int, default=None, help="adaptation steps at meta-test (default: the experiment's)")
+    p.add_argument("--meta-lr", type=float, default=d.meta_lr)
+    p.add_argument("--prior-scale", type=float, default=None,
+                   help="initial prior sd (BMAML: particle spread); default 0.2 with Gauss-Newton VI, 0.02 with SVI, BMAML 0.1")
+    p.add_argument("--imaml-lambda", type=float, default=None, help="iMAML's proximal regularisation")
+    p.add_argument("--cg-steps", type=int, default=None, help="iMAML's conjugate-gradient steps")
+    p.add_argument("--max-prior-scale", type=float, default=None,
+                   help="ceiling on the learned prior sd (guards SVI's GEM scale update against inner-loop noise); "
+                        "0 = none; default none with Gauss-Newton VI, 0.1 with SVI")
+    p.add_argument("--noise-scale", type=float, default=None,
+                   help="Gaussian likelihood's noise sd; default 0.25 with Gauss-Newton VI, 0.5 with SVI")
+    p.add_argument("--learn-likelihood", action="store_true",
+                   help="meta-learn the Gaussian noise sd (regression) or the softmax temperature (classification) "
+                        "by GEM's Fisher identity (gem-bml, gem-bml+)")
+    p.add_argument("--inner-variance", default="meanfield", choices=["meanfield", "marginal"],
+                   help="Gauss-Newton VI's guide variances: the KL-optimal mean-field ones or the exact marginals")
+    p.add_argument("--inner-method", default=None, choices=["gauss-newton", "svi"],
+                   help="Bayesian inner update; default gauss-newton for gem-bml(+) with the diagonal prior")
+    p.add_argument("--guide", default=d.guide, help="meanfield, delta, fullcov or lowrank")
+    p.add_argument("--prior", default=d.prior, choices=["diagonal", "lowrank", "mixture", "laplace", "studentt"],
+                   help="prior over the weights (docs/priors-and-guides.md)")
+    p.add_argument("--prior-components", type=int, default=d.prior_components,
+                   help="mixture components K, or the rank of the low-rank prior")
+    p.add_argument("--gem-plus-mode", default=None, choices=["sequential", "joint", "restart"],
+                   help="how GEM-BML+ fits q2; default restart with Gauss-Newton VI, sequential with SVI")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--log-every", type=int, default=d.log_every, help="iterations between lines of metrics.jsonl")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (1 is fastest for small nets)")
+    p.add_argument("--horizon", type=int, default=None, help="RL: steps per episode (nav2d 100, cheetah 200)")
+    p.add_argument("--rl-inner", default=None, choices=["pg", "trpo"], help="RL: inner update of GEM-BML(+)")
+    p.add_argument("--max-kl", type=float, default=None, help="RL: TRPO's KL bound (inner TRPO, MAML's meta-update)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--distributed", action="store_true", help="under torchrun: split each meta-batch's tasks over "
+                   "the ranks, all-reduce the meta-gradient (docs/distributed.md)")
+    p.add_argument("--private", action="store_true", help="distributed GEM-BML(+): ranks send only posterior "
+                   "parameters to rank 0, which steps and broadcasts the prior (docs/distributed.md)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast of the inner loop's network forward passes "
+                   "(GEM, FOMAML, Reptile, iMAML; not algorithms that backpropagate through the inner loop)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--eval-tasks", type=int, default=None,
+                   help="new tasks for the evaluation after training (default: 100 regression, 600 classification)")
+    p.add_argument("--scheduler", default=d.scheduler, choices=["uniform", "greedy", "ats"],
+                   help="task scheduler: uniform (default), greedy (hardest first) or ats (learned; docs/ats.md)")
+    p.add_argument("--pool-size", type=int, default=None, help="candidate tasks per iteration (default 2 x meta-batch)")
+    p.add_argument("--temperature", type=float, default=None, help="scheduler softmax temperature (default 0.1 "
+                   "with --label-noise, else 1)")
+    p.add_argument("--scheduler-lr", type=float, default=d.scheduler_lr, help="ATS scheduler learning rate")
+    p.add_argument("--scheduler-warmup", type=int, default=d.scheduler_warmup,
+                   help="first iterations train only the ATS scheduler (meta-updates undone)")
+    p.add_argument("--label-noise", type=float, default=d.label_noise,
+                   help="mean symmetric label-flip ratio of meta-training support sets (per-task ratios around it)")
+    p.add_argument("--class-budget", type=int, default=None, help="meta-train on this many training classes only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hbmeta", description="Bayesian meta-learning with Gradient-EM (GEM-BML).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+
+    p = sub.add_parser("evaluate", help="meta-test a checkpoint on new tasks: error vs adaptation steps")
+    p.add_argument("run", help="run folder (or checkpoint file)")
+    p.add_argument("--steps", type=int, default=10, help="report steps 0..N")
+    p.add_argument("--tasks", type=int, default=None, help="test tasks (default: 100 regression, 600 classification)")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("diagnose", help="posterior and calibration diagnostics of a run with ArviZ (plots + summary)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/diagnostics)")
+    p.add_argument("--tasks", type=int, default=100)
+    p.add_argument("--steps", type=int, default=None, help="adaptation steps (default: the run's test_steps)")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("calibrate", help="ECE / MCE and reliability diagrams of classification runs, side by side")
+    p.add_argument("runs", nargs="+", help="run folders (same experiment, ways, shots)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tasks", type=int, default=600)
+    p.add_argument("--steps", type=int, default=None, help="adaptation steps for every run (default: each run's test_steps)")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("demo", help="GEM-BML+ vs MAML on sinusoid with the same budget (~3 min on a 2-core CPU)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--iterations", type=int, default=4000)
+    p.add_argument("--meta-batch", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("gradient-study", help="meta-gradient error of GEM vs ELBO gradient (appendix C.1)")
+    p.add_argument("--out", default="runs/gradient-study")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    p.add_argument("which", choices=["step", "scaling", "throughput", "accuracy"],
+                   help="step: sinusoid net, time and memory per meta-iteration vs inner steps; "
+                        "scaling: the same with conv4 on miniImageNet-shaped 5-way 1-shot tasks (paper Fig. 2b); "
+                        "throughput: tasks adapted per second vs meta-batch size, sinusoid and conv4; "
+                        "accuracy: every algorithm on the same tasks, seeds and budget (sinusoid, Omniglot)")
+    p.add_argument("--budget", default="small", help="accuracy: small (a 2-core CPU), paper (a GPU) or smoke")
+    p.add_argument("--algos", default=None, help="accuracy: comma-separated algorithms (default gem-bml+,gem-bml,"
+                                                  "maml,fomaml,reptile)")
+    p.add_argument("--seeds", default="0,1,2", help="accuracy: comma-separated seeds")
+    p.add_argument("--table-only", action="store_true", help="accuracy: only assemble the table from finished runs")
+    p.add_argument("--data-root", default=None, help="accuracy: folder with omniglot/ (default $HBMETA_DATA or ../shared/data)")
+    p.add_argument("--meta-batches", default=None, help="throughput: comma-separated meta-batch sizes (4,8,...,128)")
+    p.add_argument("--benchmarks", default=None, help="throughput: comma-separated, from sinusoid,conv4; accuracy: "
+                                                       "from sinusoid,sinusoid-challenging,omniglot-5w1s,omniglot-5w5s")
+    p.add_argument("--amp", action="store_true", help="throughput: bf16 autocast of the network forward passes")
+    p.add_argument("--queries", type=int, default=None, help="scaling: query images per class")
+    p.add_argument("--inner-steps", default=None, help="comma-separated inner-step counts, e.g. 1,2,5,10,20")
+    p.add_argument("--warmup", type=int, default=None, help="untimed repetitions first")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    return parser
+
+
+def _print_evaluation(evaluation: dict) -> None:
+    for k, v in evaluation.items():
+        if "r2_mean" in v:
+            print(f"  R^2 after {k:>2} steps: mean {v['r2_mean']:.4f} ± {v['ci95']:.4f}, median {v['r2_median']:.4f} "
+                  f"({v['num_tasks']} assays)")
+        elif "accuracy" in v:
+            print(f"  accuracy after {k:>2} steps: {100 * v['accuracy']:.2f} ± {100 * v['ci95']:.2f} %   "
+                  f"ECE {v['ece']:.4f}  MCE {v['mce']:.4f} ({v['num_bins']} bins)")
+        else:
+            print(f"  meta-test MSE after {k:>2} steps: {v['mse']:.4f} ± {v['ci95']:.4f}")
+
+
+def _cmd_train(args) -> int:
+    import torch
+
+    from hbmeta.experiments.config import TrainConfig
+    from hbmeta.evaluation.meta_test import evaluate_experiment
+    from hbmeta.experiments.registry import get_experiment
+    from hbmeta.training.loop import train
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume", "no_progress", "eval_tasks")}
+    config = TrainConfig(**fields)
+    if get_experiment(config.experiment).metric == "return":  # meta-RL (hbmeta.tasks.rl)
+        from hbmeta.cli.rl import train_command
+
+        return train_command(config, args.out, args.resume, not args.no_progress, args.eval_tasks)
+    result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    if result.rank != 0:  # a distributed run: rank 0 evaluates and writes the files
+        return 0
+    steps = tuple(sorted({0, 1, 5, 10, config.test_steps}))
+    evaluation = evaluate_experiment(result.learner, config, steps, num_tasks=args.eval_tasks)
+    (Path(args.out) / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    print(f"trained {config.algorithm} on {config.experiment} for {config.iterations} iterations in {result.seconds:.1f}s")
+    _print_evaluation(evaluation)
+    written = [f"{args.out}/evaluation.json"]
+    if config.experiment.startswith("sinusoid"):
+        from hbmeta.evaluation.plots import plot_sinusoid_predictive
+
+        test = get_experiment(config.experiment).make_tasks(config).sample(1, torch.Generator().manual_seed(7))
+        written.append(str(plot_sinusoid_predictive({config.algorithm: result.learner}, test,
+                                                    Path(args.out) / "plots" / "predictive.png", steps=config.test_steps)))
+    print("wrote " + " and ".join(written))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from hbmeta.evaluation.meta_test import evaluate_experiment
+    from hbmeta.cli.rl import evaluate_command, is_rl_run
+    from hbmeta.training.runs import load_learner
+
+    if is_rl_run(args.run):  # meta-RL: average return after 0..steps adaptation steps
+        return evaluate_command(args.run, args.steps, args.tasks, args.seed)
+    learner, config, iteration = load_learner(args.run, args.device)
+    evaluation = evaluate_experiment(learner, config, tuple(range(args.steps + 1)), num_tasks=args.tasks, seed=args.seed)
+    print(f"{config.algorithm} on {config.experiment}, checkpoint at iteration {iteration}, "
+          f"{next(iter(evaluation.values())).get('num_tasks', args.tasks or 100)} new tasks")
+    _print_evaluation(evaluation)
+    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+    (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from hbmeta.evaluation.meta_test import compare_calibration
+
+    report = compare_calibration(args.runs, args.out, num_tasks=args.tasks, seed=args.seed, device=args.device,
+                                 steps=args.steps)
+    print("| run | steps | accuracy (%) | ECE | MCE |\n|---|---:|---:|---:|---:|")
+    for name, r in report["runs"].items():
+        print(f"| {name} | {r['steps']} | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | {r['ece']:.4f} | {r['mce']:.4f} |")
+    print(f"({next(iter(report['runs'].values()))['num_bins']} equal-width confidence bins)")
+    for path in report["files"]:
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_diagnose(args) -> int:
+    from hbmeta.evaluation.diagnostics import diagnose_run
+
+    report = diagnose_run(args.run, args.out, num_tasks=args.tasks, seed=args.seed, device=args.device,
+                          steps=args.steps)
+    print(json.dumps(report["metrics"], indent=2, default=str))
+    for path in report.get("files", []):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from hbmeta.bench.demo import run_demo
+
+    out = run_demo(args.out, args.iterations, args.meta_batch, args.seed, args.device, progress=not args.no_progress)
+    print(f"\nMeta-test MSE on 100 new sinusoid tasks (K=10), {args.iterations} meta-iterations x {args.meta_batch} tasks each:\n")
+    print(out["table"])
+    print(f"\nwrote {Path(args.out) / 'demo.json'} and {out['summary']['plot']}")
+    return 0
+
+
+def _report(config, run, format_table, write, out: str) -> int:
+    """Run a study or benchmark, print its Markdown table and write its files into ``out``."""
+    result = run(config)
+    print(format_table(result))
+    write(result, out)
+    print(f"\nwrote {out}")
+    return 0
+
+
+def _cmd_gradient_study(args) -> int:
+    from hbmeta.bench import gradient_study as gs
+
+    config = gs.GradientStudyConfig(seed=args.seed)
+    if args.repeats is not None:
+        config.repeats = args.repeats
+    return _report(config, gs.run_gradient_study, gs.format_table, gs.write_gradient_study, args.out)
+
+
+def _cmd_bench(args) -> int:
+    from hbmeta.bench import step as bench
+
+    if args.which == "throughput":
+        from hbmeta.bench import throughput
+
+        return throughput.run_from_args(args)
+    if args.which == "accuracy":
+        from hbmeta.bench import accuracy
+
+        config = accuracy.AccuracyBenchConfig(budget=args.budget, device=args.device, data_root=args.data_root,
+                                              out=args.out if args.out != "runs/bench" else "runs/accuracy",
+                                              seeds=tuple(int(k) for k in args.seeds.split(",")))
+        if args.benchmarks:
+            config.benchmarks = tuple(args.benchmarks.split(","))
+        if args.algos:
+            config.algorithms = tuple(args.algos.split(","))
+        config.__post_init__()
+        run = (lambda c: accuracy.summarize(accuracy.collect_results(c.out), c.budget)) if args.table_only \
+            else accuracy.run_accuracy_benchmark
+        return _report(config, run, accuracy.format_accuracy_table, accuracy.write_accuracy_benchmark, config.out)
+    if args.which == "scaling":
+        from hbmeta.bench import scaling
+
+        config = scaling.ScalingBenchConfig(device=args.device)
+        if args.repeats is not None:
+            config.repeats = args.repeats
+        if args.queries is not None:
+            config.queries = args.queries
+        if args.warmup is not None:
+            config.warmup = args.warmup
+        if args.inner_steps:
+            config.steps = tuple(int(k) for k in args.inner_steps.split(","))
+        return _report(config, lambda c: scaling.run_scaling_benchmark(c, progress=True), scaling.format_scaling_table,
+                       scaling.write_scaling_benchmark, args.out)
+
+    config = bench.StepBenchConfig(device=args.device)
+    if args.repeats is not None:
+        config.repeats = args.repeats
+    return _report(config, bench.run_step_benchmark, bench.format_step_table, bench.write_step_benchmark, args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": _cmd_train, "evaluate": _cmd_evaluate, "demo": _cmd_demo,
+               "gradient-study": _cmd_gradient_study, "bench": _cmd_bench, "diagnose": _cmd_diagnose,
+               "calibrate": _cmd_calibrate}[args.command]
+    from hbmeta.training.runtime import torch_threads
+
+    try:
+        with torch_threads(getattr(args, "threads", 1)):  # 1 CPU thread is fastest for the small nets
+            return handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ArithmeticError) as err:
+        print(f"hbmeta {args.command}: error: {err}", file=sys.stderr)
+        return 2
+

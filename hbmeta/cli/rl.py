@@ -1,0 +1,51 @@
+"""What ``hbmeta train`` / ``hbmeta evaluate`` do for the meta-RL experiments (the CLI hands over to these)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hbmeta.training.runs import load_checkpoint
+from hbmeta.experiments.rl import RL_EXPERIMENTS
+
+__all__ = ["evaluate_command", "is_rl_run", "train_command"]
+
+
+def is_rl_run(run: str | Path) -> bool:
+    """Whether a run folder (or checkpoint file) holds a meta-RL run."""
+    path = Path(run)
+    config_file = path / "config.json"
+    if path.is_dir() and config_file.is_file():
+        return json.loads(config_file.read_text()).get("experiment") in RL_EXPERIMENTS
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    return path.is_file() and load_checkpoint(path)["config"].get("experiment") in RL_EXPERIMENTS
+
+
+def train_command(config, out: str, resume: bool, progress: bool, eval_tasks: int | None) -> int:
+    """Meta-train, then report the return after 0..test_steps adaptation steps on new tasks (evaluation.json)."""
+    from hbmeta.evaluation.rl import evaluate_rl_run, format_returns
+    from hbmeta.training.rl import train_rl
+
+    result = train_rl(config, out, resume=resume, progress=progress)
+    evaluation = evaluate_rl_run(result.learner, config, config.test_steps, num_tasks=eval_tasks)
+    (Path(out) / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    print(f"trained {config.algorithm} on {config.experiment} for {config.iterations} iterations in {result.seconds:.1f}s")
+    print(format_returns(evaluation))
+    print(f"wrote {out}/evaluation.json")
+    return 0
+
+
+def evaluate_command(run: str, steps: int, num_tasks: int | None, seed: int) -> int:
+    """``hbmeta evaluate RUN --steps N`` for an RL run: average return after 0..N steps (40 rollouts each)."""
+    from hbmeta.evaluation.rl import evaluate_rl_run, format_returns
+    from hbmeta.training.rl import load_policy_learner
+
+    learner, config, iteration = load_policy_learner(run)
+    evaluation = evaluate_rl_run(learner, config, steps, num_tasks=num_tasks, seed=seed)
+    print(f"{config.algorithm} on {config.experiment}, checkpoint at iteration {iteration}, "
+          f"{evaluation[0]['num_tasks']} new tasks x {evaluation[0]['episodes']} rollouts per step")
+    print(format_returns(evaluation))
+    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
+    (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    return 0

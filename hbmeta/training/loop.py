@@ -1,0 +1,94 @@
+"""Meta-training runs (Algorithm 1, Meta-train) with a run folder, progress bar, checkpoints and resume.
+
+:func:`train` writes the run folder described in :mod:`hbmeta.training.runs`; meta-RL runs go to
+:func:`hbmeta.training.rl.train_rl` and torchrun runs to :func:`hbmeta.training.distributed.train_distributed`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hbmeta.experiments.config import TrainConfig
+from hbmeta.experiments.registry import get_experiment
+from hbmeta.training.runs import (TrainResult, build_learner, check_new_run, iteration_generators, open_run_dir,
+                                  restore_run, save_run_checkpoint)
+from hbmeta.training.runtime import amp_autocast, resolve_device, torch_threads
+from hbmeta.training.scheduled import SchedulerLog, build_scheduler
+from hbmeta.training.schedulers import scheduled_meta_step
+
+__all__ = ["train"]
+
+def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> TrainResult:
+    """Meta-train per ``config`` into ``run_dir`` (see :func:`_train`), with ``config.threads`` CPU threads.
+
+    Under torchrun (``config.distributed``, ``config.private`` or ``WORLD_SIZE > 1``) the tasks of each meta-batch
+    are split over the ranks: :func:`hbmeta.training.distributed.train_distributed`.
+    """
+    from hbmeta.training.distributed import train_distributed, world_size_from_env
+
+    if get_experiment(config.experiment).metric == "return":  # meta-RL: its own loop, same run folder (hbmeta.tasks.rl)
+        from hbmeta.training.rl import train_rl
+
+        return train_rl(config, run_dir, resume, progress, stop_after)
+    if config.distributed or config.private or world_size_from_env() > 1:
+        return train_distributed(config, run_dir, resume, progress, stop_after)
+    with torch_threads(config.threads if resolve_device(config.device).type == "cpu" else None):
+        return _train(config, run_dir, resume, progress, stop_after)
+
+
+def _train(config: TrainConfig, run_dir: str | Path, resume: bool, progress: bool,
+           stop_after: int | None) -> TrainResult:
+    """Meta-train per ``config`` into ``run_dir``.
+
+    Args:
+        resume: continue from ``run_dir/checkpoint.pt`` (same config but for iterations / device / logging).
+        progress: show a tqdm progress bar.
+        stop_after: stop (with a checkpoint) after this many iterations of this call; for tests of resume.
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(config.device)
+    learner = build_learner(config, device)
+    tasks = get_experiment(config.experiment).make_tasks(config)
+    scheduler = build_scheduler(config, tasks)  # None for uniform: no pool, today's random streams
+    if resume:
+        start = restore_run(config, run_dir, learner, scheduler)
+    else:
+        check_new_run(run_dir)
+        start = 0
+    metrics_path = open_run_dir(config, run_dir, resume, start)
+    end = config.iterations if stop_after is None else min(config.iterations, start + stop_after)
+    began = time.perf_counter()
+    bar = tqdm(range(start, end), initial=start, total=config.iterations, disable=not progress,
+               desc=f"{config.algorithm} on {config.experiment}", unit="it")
+    schedule_log = None if scheduler is None else SchedulerLog(run_dir, start, resume)
+    with metrics_path.open("a") as metrics:
+        for it in bar:
+            task_gen, noise_gen = iteration_generators(config.seed, it, device)
+            with amp_autocast(config.amp, device, config.algorithm):
+                if scheduler is None:
+                    info = learner.meta_step(tasks.sample(config.meta_batch, task_gen), noise_gen)
+                else:  # a pool of candidates, the scheduler picks meta_batch of them (docs/ats.md)
+                    info, pool = scheduled_meta_step(learner, scheduler, tasks, config.meta_batch, config.pool_size,
+                                                     it / max(config.iterations, 1), task_gen, noise_gen,
+                                                     update_meta_model=it >= config.scheduler_warmup)
+                    schedule_log.write(it + 1, info, pool)
+            done = it + 1
+            if done % config.log_every == 0 or done == end:
+                scale = float(learner.prior.scale.detach().mean()) if hasattr(learner.prior, "scale") else float("nan")
+                record = {"iteration": done, "seconds": time.perf_counter() - began, **info, "prior_scale": scale}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                bar.set_postfix(grad=f"{info['grad_norm']:.3g}")
+            if done % config.checkpoint_every == 0 or done == end:
+                save_run_checkpoint(learner, config, done, run_dir, scheduler)
+    if start == end:
+        save_run_checkpoint(learner, config, end, run_dir, scheduler)
+    if schedule_log is not None:
+        schedule_log.close(run_dir / "plots" / "scheduler_weights.png")
+    return TrainResult(learner, config, run_dir, time.perf_counter() - began)
