@@ -45,13 +45,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from hbmeta.inference.algorithm import Algorithm, LearnerState, PriorDefaults, register_algorithm
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.inner import InnerConfig, InnerLoopDivergedError
+from hbmeta.models.functional import BatchedNet
 from hbmeta.models.hierarchical import HierarchicalModel
 from hbmeta.models.posterior import Posterior
-from hbmeta.models.priors import ParticlePrior
+from hbmeta.models.priors import ParticlePrior, Prior
 
-__all__ = ["median_bandwidth", "svgd_direction", "svgd", "chaser_and_leader", "bmaml_gradient", "bmaml_adapt"]
+__all__ = ["median_bandwidth", "svgd_direction", "svgd", "chaser_and_leader", "bmaml_gradient", "bmaml_adapt",
+           "BMAMLAlgorithm", "BMAML"]
 
 
 @torch.no_grad()
@@ -160,3 +163,48 @@ def bmaml_adapt(model: HierarchicalModel, x: Tensor, y: Tensor, config: InnerCon
         raise InnerLoopDivergedError(f"SVGD diverged within {steps} steps for task(s) {bad}; "
                                      f"lower the inner learning rate (now {config.lr})")
     return Posterior.from_particles(particles)
+
+
+class BMAMLAlgorithm(Algorithm):
+    """BMAML: meta-learns ``M`` SVGD starting particles (a :class:`~hbmeta.models.priors.ParticlePrior`)."""
+
+    name = "bmaml"
+    meta_loss = "L[2]"
+    estimator = "SVGD particles + chaser loss (unrolled)"
+    backprop_through_inner = True
+    bayesian = True
+    reference = "Yoon et al. 2018"
+    description = "chaser loss through the unrolled SVGD steps of the particles"
+
+    def meta_gradient(self, learner: LearnerState, batch: TaskBatch,
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return bmaml_gradient(learner.model, batch, learner.inner)
+
+    def adapt(self, learner: LearnerState, x: Tensor, y: Tensor, inner: InnerConfig, steps: int,
+              generator: torch.Generator | None = None,
+              callback: Callable[[int, Posterior], None] | None = None) -> Posterior:
+        return bmaml_adapt(learner.model, x, y, inner, steps, callback)
+
+    def default_inner(self, gauss_newton: bool) -> InnerConfig:
+        """5 particles (``num_samples``), 5 plain SVGD steps of 1e-3 on the summed log-likelihood (whose gradient
+        is ~N / noise^2 times the MSE's, hence the small step)."""
+        return InnerConfig(steps=5, lr=1e-3, optimizer="sgd", num_samples=5)
+
+    def prior_defaults(self, inner_method: str) -> PriorDefaults:
+        """The particles start at a 0.1 spread (with SVI's other defaults)."""
+        if inner_method == "gauss-newton":
+            return super().prior_defaults(inner_method)
+        return PriorDefaults(0.1, 0.1, 0.5, "sequential")
+
+    def default_prior(self, learner: LearnerState, net: BatchedNet) -> Prior:
+        """``M = inner.num_samples`` particles around the net's weights at spread ``learner.prior_scale``."""
+        return ParticlePrior.around(net.initial_vector(), learner.inner.num_samples, learner.prior_scale,
+                                    torch.Generator().manual_seed(0))
+
+    def check(self, learner: LearnerState) -> None:
+        if not isinstance(learner.prior, ParticlePrior):
+            raise ValueError(f"algorithm {self.name!r} cannot use a {type(learner.prior).__name__}: BMAML needs a "
+                             f"ParticlePrior and a ParticlePrior is only for BMAML")
+
+
+BMAML = register_algorithm(BMAMLAlgorithm())

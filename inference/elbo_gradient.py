@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hbmeta.inference.algorithm import Algorithm, LearnerState, register_algorithm
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.inner import InnerConfig, negative_elbo
 from hbmeta.models.guides import Guide
 from hbmeta.models.hierarchical import HierarchicalModel
 from hbmeta.models.priors import DiagonalGaussianPrior
 
-__all__ = ["unrolled_guide_params", "elbo_gradient", "abml_gradient"]
+__all__ = ["unrolled_guide_params", "elbo_gradient", "abml_gradient", "ABMLAlgorithm", "ABML"]
 
 
 def unrolled_guide_params(model: HierarchicalModel, guide: Guide, x: Tensor, y: Tensor, config: InnerConfig,
@@ -82,3 +83,29 @@ def abml_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, conf
     """Amortized BML: the ELBO gradient of ``L[1]`` on ``D_tr u D_val``, averaged over tasks."""
     x, y = batch.joint()
     return {n: g / batch.num_tasks for n, g in elbo_gradient(model, guide, x, y, config, generator).items()}
+
+
+class ABMLAlgorithm(Algorithm):
+    """ABML: Bayesian, unrolls SVI through a diagonal Gaussian prior (SVI's defaults of the base class)."""
+
+    name = "abml"
+    meta_loss = "L[1]"
+    estimator = "ELBO gradient (unrolled SVI)"
+    backprop_through_inner = True
+    bayesian = True
+    reference = "Ravi & Beatson 2019"
+    description = "gradient of the ELBO through the unrolled inner SVI"
+
+    def meta_gradient(self, learner: LearnerState, batch: TaskBatch,
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        # an ascent direction of the ELBO, already averaged over tasks
+        return {n: -g for n, g in abml_gradient(learner.model, learner.guide, batch, learner.inner, generator).items()}
+
+    def check(self, learner: LearnerState) -> None:
+        super().check(learner)
+        if not isinstance(learner.prior, DiagonalGaussianPrior):
+            raise ValueError(f"abml unrolls SVI through a diagonal Gaussian prior's (mu, log_sigma); got a "
+                             f"{type(learner.prior).__name__}: use gem-bml or gem-bml+ for other priors")
+
+
+ABML = register_algorithm(ABMLAlgorithm())

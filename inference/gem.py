@@ -11,7 +11,8 @@ estimates :math:`\nabla L^{[1]}` with the posterior on :math:`D^{tr} \cup D^{val
 :math:`\nabla L^{[2]} = \nabla L(\Theta; D^{tr} \cup D^{val}) - \nabla L(\Theta; D^{tr})` (appendix A.4).
 
 All functions return per-task gradients ``{name: [T, *param_shape]}`` of the log-likelihood (an ascent
-direction); :class:`hbmeta.inference.learner.MetaLearner` averages and negates them for a torch optimizer.
+direction); the registered algorithms :data:`GEM_BML` and :data:`GEM_BML_PLUS` average and negate them for a
+torch optimizer.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hbmeta.inference.algorithm import Algorithm, LearnerState, register_algorithm
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.inner import CommonNoise, InnerConfig, NoiseFn, fit_posterior, standard_normal
 from hbmeta.models.guides import Guide
@@ -27,7 +29,8 @@ from hbmeta.models.posterior import Posterior
 from hbmeta.models.priors import Prior
 
 __all__ = ["gem_gradient", "mc_gem_gradient", "gem_bml_gradient", "gem_plus_gradient", "gem_plus_posteriors",
-           "likelihood_gem_gradient", "GEM_PLUS_MODES", "LIKELIHOOD_PREFIX"]
+           "likelihood_gem_gradient", "GEM_PLUS_MODES", "LIKELIHOOD_PREFIX", "GEMAlgorithm", "GEMBML", "GEMBMLPlus",
+           "GEM_BML", "GEM_BML_PLUS"]
 
 #: per-task gradients of the likelihood's own parameters are keyed ``"likelihood.<name>"``
 LIKELIHOOD_PREFIX = "likelihood."
@@ -162,3 +165,50 @@ def gem_plus_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, 
         g2.update(likelihood_gem_gradient(model, q2, *batch.joint()))
         g1.update(likelihood_gem_gradient(model, q1, batch.x_train, batch.y_train))
     return {n: g2[n] - g1[n] for n in g2}, q1
+
+
+class GEMAlgorithm(Algorithm):
+    """The GEM family: Bayesian, meta-learns the likelihood's learned scale, Gauss-Newton VI by default."""
+
+    backprop_through_inner = False
+    bayesian = True
+    learns_likelihood = True
+
+    def default_inner(self, gauss_newton: bool) -> InnerConfig:
+        """2 steps of Gauss-Newton mean-field VI (:mod:`hbmeta.inference.gauss_newton`; no step size, no Monte-Carlo
+        noise); with ``gauss_newton=False`` (other priors, likelihoods without a curvature) SVI's defaults."""
+        if gauss_newton:
+            return InnerConfig(method="gauss-newton", steps=2)
+        return super().default_inner(gauss_newton)
+
+
+class GEMBML(GEMAlgorithm):
+    name = "gem-bml"
+    meta_loss = "L[1]"
+    estimator = "GEM (closed form or Monte Carlo)"
+    reference = "Zou & Lu 2020, sec. 3.2"
+    description = "Gradient-EM on the posterior of each task's joint data"
+
+    def meta_gradient(self, learner: LearnerState, batch: TaskBatch,
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        per_task, _ = gem_bml_gradient(learner.model, learner.guide, batch, learner.inner, generator,
+                                       learner.closed_form)
+        return {n: -g.mean(0) for n, g in per_task.items()}
+
+
+class GEMBMLPlus(GEMAlgorithm):
+    name = "gem-bml+"
+    meta_loss = "L[2]"
+    estimator = "GEM, difference of two L[1] terms"
+    reference = "Zou & Lu 2020, sec. 3.2, A.4"
+    description = "Gradient-EM, GEM(q2) - GEM(q1) of the joint and the support posteriors"
+
+    def meta_gradient(self, learner: LearnerState, batch: TaskBatch,
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        per_task, _ = gem_plus_gradient(learner.model, learner.guide, batch, learner.inner, generator,
+                                        learner.closed_form, learner.gem_plus_mode)
+        return {n: -g.mean(0) for n, g in per_task.items()}
+
+
+GEM_BML = register_algorithm(GEMBML())
+GEM_BML_PLUS = register_algorithm(GEMBMLPlus())

@@ -31,12 +31,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from hbmeta.inference.algorithm import Algorithm, LearnerState, register_algorithm
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.inner import InnerConfig, InnerLoopDivergedError, clip_per_task, make_optimizer
 from hbmeta.models.hierarchical import HierarchicalModel
 from hbmeta.models.posterior import Posterior
 
-__all__ = ["proximal_adapt", "conjugate_gradient", "implicit_meta_gradient", "imaml_gradient", "imaml_adapt"]
+__all__ = ["proximal_adapt", "conjugate_gradient", "implicit_meta_gradient", "imaml_gradient", "imaml_adapt",
+           "IMAMLAlgorithm", "IMAML"]
 
 
 def proximal_adapt(model: HierarchicalModel, mu: Tensor, x: Tensor, y: Tensor, lam: float, steps: int, lr: float,
@@ -149,3 +151,33 @@ def imaml_adapt(model: HierarchicalModel, x: Tensor, y: Tensor, config: InnerCon
     theta = proximal_adapt(model, model.prior.loc, x, y, config.imaml_lambda,
                            config.steps if steps is None else steps, config.lr, config.optimizer, config.clip_norm, cb)
     return Posterior(theta)
+
+
+class IMAMLAlgorithm(Algorithm):
+    """iMAML: a point estimate that adapts (in meta-training and at meta-test) by its proximal inner problem."""
+
+    name = "imaml"
+    meta_loss = "L[2]"
+    estimator = "implicit gradient (CG on the regularised inner problem)"
+    backprop_through_inner = False
+    bayesian = False
+    reference = "Rajeswaran et al. 2019"
+    description = "implicit-function-theorem gradient of the proximal inner solution's query loss"
+
+    def meta_gradient(self, learner: LearnerState, batch: TaskBatch,
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return imaml_gradient(learner.model, batch, learner.inner)
+
+    def adapt(self, learner: LearnerState, x: Tensor, y: Tensor, inner: InnerConfig, steps: int,
+              generator: torch.Generator | None = None,
+              callback: Callable[[int, Posterior], None] | None = None) -> Posterior:
+        return imaml_adapt(learner.model, x, y, inner, steps, callback)
+
+    def default_inner(self, gauss_newton: bool) -> InnerConfig:
+        """20 SGD steps at 0.005 on the proximal problem with lambda = 10 (about 1 / (K lr): the K steps then nearly
+        solve it, which the implicit gradient assumes), 5 CG steps, per-task clipping at norm 50 as a guard (its
+        meta-gradient cannot see the inner loop diverge, as MAML's can); memory does not grow with K."""
+        return InnerConfig(steps=20, lr=0.005, optimizer="sgd", clip_norm=50.0, imaml_lambda=10.0, cg_steps=5)
+
+
+IMAML = register_algorithm(IMAMLAlgorithm())

@@ -41,7 +41,7 @@ from hbmeta.models.hierarchical import HierarchicalModel
 from hbmeta.models.posterior import Posterior
 
 __all__ = ["InnerConfig", "InnerLoopDivergedError", "INNER_METHODS", "fit_posterior", "negative_elbo", "make_optimizer",
-           "NoiseFn", "clip_per_task", "CommonNoise", "standard_normal"]
+           "NoiseFn", "clip_per_task", "CommonNoise", "standard_normal", "sgd_adapt", "optimizer_adapt"]
 
 #: inner-update methods (:class:`InnerConfig` ``method``)
 INNER_METHODS = ("gauss-newton", "svi")
@@ -457,3 +457,42 @@ def fit_posterior(
             f"{_diverged_tasks(model, guide, params, x, y)} has NaN/inf/zero-scale parameters; "
             f"lower the inner learning rate (now {config.lr})")
     return posterior
+
+
+# ------------------------------------------------------------------------- point-estimate inner loops
+# The delta-posterior inner updates of the baselines (MAML's SGD, Reptile's optimizer), here beside VI so that
+# every algorithm's default meta-test adaptation (hbmeta.inference.algorithm.Algorithm.adapt) finds them.
+def sgd_adapt(model: HierarchicalModel, theta: Tensor, x: Tensor, y: Tensor, steps: int, lr: float,
+              create_graph: bool = False, callback=None) -> Tensor:
+    """``steps`` plain SGD steps on each task's loss, all tasks at once; ``theta [T, P]``."""
+    if not create_graph:
+        theta = theta.detach().requires_grad_()
+    if callback is not None:
+        callback(0, theta.detach())
+    for step in range(1, steps + 1):
+        loss = model.point_loss(theta, x, y).sum()
+        (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+        theta = theta - lr * grad
+        if not create_graph:
+            theta = theta.detach().requires_grad_()
+        if callback is not None:
+            callback(step, theta.detach())
+    return theta
+
+
+def optimizer_adapt(model: HierarchicalModel, theta: Tensor, x: Tensor, y: Tensor, config: InnerConfig,
+                    steps: int | None = None, callback=None) -> Tensor:
+    """K steps of the configured torch optimizer on each task's loss, all tasks at once; ``theta [T, P]``.
+
+    ``callback(step, theta)`` is called before the first step and after every step (for evaluation)."""
+    theta = theta.detach().clone().requires_grad_()
+    opt = make_optimizer(config.optimizer, [theta], config.lr)
+    if callback is not None:
+        callback(0, theta.detach())
+    for step in range(1, (config.steps if steps is None else steps) + 1):
+        opt.zero_grad(set_to_none=True)
+        model.point_loss(theta, x, y).sum().backward()
+        opt.step()
+        if callback is not None:
+            callback(step, theta.detach().clone())
+    return theta.detach()

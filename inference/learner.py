@@ -8,8 +8,11 @@ r"""One API for every meta-learner (GEM-BML Algorithm 1: Meta-train and Meta-tes
     posterior = learner.adapt(x_support, y_support, steps=10)   # Meta-test: VI from the learned Theta
     mean, sd = learner.predict(posterior, x_query)              # posterior predictive
 
-The algorithm is chosen by name (:data:`ALGORITHMS`); the meta-step hands the averaged meta-gradient to a
-torch optimizer (Adam by default) as the gradient of the meta-loss ``-L``.
+The algorithm is chosen by name from the registry (:data:`ALGORITHMS`, :mod:`hbmeta.inference.algorithm`): the
+learner dispatches its meta-gradient, meta-test adaptation, defaults and checks to that
+:class:`~hbmeta.inference.algorithm.Algorithm`, and the meta-step hands the averaged meta-gradient to a torch
+optimizer (Adam by default) as the gradient of the meta-loss ``-L``. The built-in algorithms are defined (and
+register) beside their meta-gradients; importing this module imports them all.
 """
 
 from __future__ import annotations
@@ -20,14 +23,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+# The built-in algorithms register themselves on import, in the registry's order (gem-bml, gem-bml+, abml, maml,
+# fomaml, reptile, pretrain, imaml, bmaml; hbmeta.inference.__init__ imports them first, in this order).
+import hbmeta.inference.gem  # noqa: F401  (registers gem-bml, gem-bml+)
+import hbmeta.inference.elbo_gradient  # noqa: F401  (abml)
+import hbmeta.inference.maml  # noqa: F401  (maml, fomaml)
+import hbmeta.inference.reptile  # noqa: F401  (reptile, pretrain)
+import hbmeta.inference.imaml  # noqa: F401  (imaml)
+import hbmeta.inference.bmaml  # noqa: F401  (bmaml)
+from hbmeta.inference.algorithm import ALGORITHMS, Algorithm, PriorDefaults, get_algorithm, register_algorithm
 from hbmeta.inference.batch import TaskBatch, check_task_data
-from hbmeta.inference.bmaml import bmaml_adapt, bmaml_gradient
-from hbmeta.inference.elbo_gradient import abml_gradient
-from hbmeta.inference.gem import GEM_PLUS_MODES, LIKELIHOOD_PREFIX, gem_bml_gradient, gem_plus_gradient
-from hbmeta.inference.imaml import imaml_adapt, imaml_gradient
-from hbmeta.inference.inner import InnerConfig, fit_posterior, make_optimizer
-from hbmeta.inference.maml import fomaml_gradient, maml_gradient, sgd_adapt
-from hbmeta.inference.reptile import optimizer_adapt, pretrain_gradient, reptile_gradient
+from hbmeta.inference.gem import GEM_PLUS_MODES, LIKELIHOOD_PREFIX
+from hbmeta.inference.inner import InnerConfig, make_optimizer
 from hbmeta.models.functional import BatchedNet
 from hbmeta.models.jacobian import output_jacobian
 from hbmeta.models.guides import Guide, make_guide
@@ -35,43 +42,11 @@ from hbmeta.models.hierarchical import HierarchicalModel
 from hbmeta.models.likelihoods import GaussianLikelihood, Likelihood
 from hbmeta.models.posterior import Posterior
 from hbmeta.models.prior_factory import make_prior
-from hbmeta.models.priors import DiagonalGaussianPrior, ParticlePrior, Prior
+from hbmeta.models.priors import DiagonalGaussianPrior, Prior
 
-__all__ = ["Algorithm", "ALGORITHMS", "MetaLearner", "Predictive", "get_algorithm", "default_inner", "step_prior",
-           "PriorDefaults", "prior_defaults", "GAUSS_NEWTON_DEFAULT", "GAUSS_NEWTON_GUIDES"]
-
-
-@dataclass(frozen=True)
-class Algorithm:
-    """What a meta-learning algorithm is, for the registry and the README's table."""
-
-    name: str
-    meta_loss: str            # "L[1]" or "L[2]"
-    estimator: str            # "GEM", "ELBO gradient", "unrolled", ...
-    backprop_through_inner: bool
-    bayesian: bool            # adapts to a posterior with spread (VI; SVGD particles for BMAML) or to a point (False)
-    reference: str
-
-
-ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
-    Algorithm("gem-bml", "L[1]", "GEM (closed form or Monte Carlo)", False, True, "Zou & Lu 2020, sec. 3.2"),
-    Algorithm("gem-bml+", "L[2]", "GEM, difference of two L[1] terms", False, True, "Zou & Lu 2020, sec. 3.2, A.4"),
-    Algorithm("abml", "L[1]", "ELBO gradient (unrolled SVI)", True, True, "Ravi & Beatson 2019"),
-    Algorithm("maml", "L[2]", "unrolled SGD, second order", True, False, "Finn et al. 2017"),
-    Algorithm("fomaml", "L[2]", "first-order approximation", False, False, "Finn et al. 2017"),
-    Algorithm("reptile", "L[1]", "GEM with a Delta guide, fixed scale", False, False, "Nichol et al. 2018"),
-    Algorithm("pretrain", "L[1]", "GEM with a Delta prior (sigma -> 0)", False, False, "GEM-BML sec. 4"),
-    Algorithm("imaml", "L[2]", "implicit gradient (CG on the regularised inner problem)", False, False,
-              "Rajeswaran et al. 2019"),
-    Algorithm("bmaml", "L[2]", "SVGD particles + chaser loss (unrolled)", True, True, "Yoon et al. 2018"),
-)}
-
-
-def get_algorithm(name: str) -> Algorithm:
-    try:
-        return ALGORITHMS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}") from None
+__all__ = ["Algorithm", "ALGORITHMS", "MetaLearner", "Predictive", "get_algorithm", "register_algorithm",
+           "default_inner", "step_prior", "PriorDefaults", "prior_defaults", "GAUSS_NEWTON_DEFAULT",
+           "GAUSS_NEWTON_GUIDES"]
 
 
 #: algorithms whose inner update defaults to Gauss-Newton VI (with a diagonal Gaussian prior and one of
@@ -83,51 +58,23 @@ GAUSS_NEWTON_GUIDES = ("meanfield", "delta", "fullcov")
 def default_inner(algorithm: str, gauss_newton: bool = True) -> InnerConfig:
     """Inner-update defaults per family, measured on sinusoid validation tasks (README, "Defaults").
 
-    GEM-BML / GEM-BML+: 2 steps of Gauss-Newton mean-field VI (:mod:`hbmeta.inference.gauss_newton`; no step size, no
-    Monte-Carlo noise). With ``gauss_newton=False`` (other priors, likelihoods without a curvature) and for
-    ABML, which unrolls SVI: plain SGD on the whitened mean-field guide (``z``, ``rho`` at one rate), 2
-    Monte-Carlo samples, per-task clipping at norm 5. Point-estimate baselines: SGD at MAML's 0.01 on the mean
-    loss. iMAML: 20 SGD steps at 0.005 on the proximal problem with lambda = 10 (about 1 / (K lr): the K steps
-    then nearly solve it, which the implicit gradient assumes), 5 CG steps, per-task clipping at norm 50 as a
-    guard (its meta-gradient cannot see the inner loop diverge, as MAML's can); memory does not grow with K.
-    BMAML: 5 particles (``num_samples``), 5 plain SVGD steps of 1e-3 on the summed log-likelihood (whose
-    gradient is ~N / noise^2 times the MSE's, hence the small step).
+    The registered algorithm's :meth:`~hbmeta.inference.algorithm.Algorithm.default_inner`. GEM-BML / GEM-BML+:
+    2 steps of Gauss-Newton mean-field VI (:mod:`hbmeta.inference.gauss_newton`; no step size, no Monte-Carlo noise).
+    With ``gauss_newton=False`` (other priors, likelihoods without a curvature) and for ABML, which unrolls SVI:
+    plain SGD on the whitened mean-field guide (``z``, ``rho`` at one rate), 2 Monte-Carlo samples, per-task
+    clipping at norm 5. Point-estimate baselines: SGD at MAML's 0.01 on the mean loss. iMAML: 20 SGD steps at
+    0.005 on the proximal problem with lambda = 10 (about 1 / (K lr): the K steps then nearly solve it, which the
+    implicit gradient assumes), 5 CG steps, per-task clipping at norm 50 as a guard (its meta-gradient cannot see
+    the inner loop diverge, as MAML's can); memory does not grow with K. BMAML: 5 particles (``num_samples``), 5
+    plain SVGD steps of 1e-3 on the summed log-likelihood (whose gradient is ~N / noise^2 times the MSE's, hence
+    the small step).
     """
-    name = get_algorithm(algorithm).name
-    if name in GAUSS_NEWTON_DEFAULT and gauss_newton:
-        return InnerConfig(method="gauss-newton", steps=2)
-    if name == "imaml":
-        return InnerConfig(steps=20, lr=0.005, optimizer="sgd", clip_norm=50.0, imaml_lambda=10.0, cg_steps=5)
-    if name == "bmaml":
-        return InnerConfig(steps=5, lr=1e-3, optimizer="sgd", num_samples=5)
-    if get_algorithm(algorithm).bayesian:
-        return InnerConfig(steps=5, lr=0.3, optimizer="sgd", num_samples=2, clip_norm=5.0)
-    return InnerConfig(steps=5, lr=0.01, optimizer="sgd")
-
-
-@dataclass(frozen=True)
-class PriorDefaults:
-    """Defaults that go with an algorithm's inner update (README, "Defaults").
-
-    Gauss-Newton VI moves each task's posterior as far as its data ask, so the prior can start wide (0.2) and
-    needs no ceiling; the likelihood noise 0.25 (regression) was the better of 0.1 / 0.25 / 0.5 on sinusoid
-    validation tasks. SVI's whitened step moves a weight by ``lr sigma^2 grad``: it starts tight (0.02), with a
-    ceiling of 0.1 against the Monte-Carlo feedback loop of dead units, at noise 0.5. BMAML's particles start at
-    a 0.1 spread.
-    """
-
-    prior_scale: float
-    max_prior_scale: float | None
-    noise_scale: float
-    gem_plus_mode: str
+    return get_algorithm(algorithm).default_inner(gauss_newton)
 
 
 def prior_defaults(algorithm: str, inner_method: str) -> PriorDefaults:
     """The :class:`PriorDefaults` of ``algorithm`` with inner update ``inner_method``."""
-    name = get_algorithm(algorithm).name
-    if inner_method == "gauss-newton":
-        return PriorDefaults(0.2, None, 0.25, "restart")
-    return PriorDefaults(0.1 if name == "bmaml" else 0.02, 0.1, 0.5, "sequential")
+    return get_algorithm(algorithm).prior_defaults(inner_method)
 
 
 def step_prior(prior: Prior, optimizer: torch.optim.Optimizer, grads: dict[str, Tensor], context: str,
@@ -166,7 +113,8 @@ class MetaLearner:
     Args:
         net: the user's ``nn.Module``; its current weights become the prior mean.
         likelihood: ``p(D | theta)``.
-        algorithm: a name from :data:`ALGORITHMS`.
+        algorithm: a name from :data:`ALGORITHMS` (the built-ins, or one added by
+            :func:`~hbmeta.inference.algorithm.register_algorithm`).
         prior: a :class:`Prior`, or a name for :func:`hbmeta.models.prior_factory.make_prior` (``diagonal``, ``lowrank``,
             ``mixture``, ``laplace``, ``studentt``; scale ``prior_scale``); default the diagonal Gaussian at
             ``prior_scale``.
@@ -205,9 +153,9 @@ class MetaLearner:
         if self.inner is None:
             diagonal = self.prior is None or self.prior == "diagonal" or isinstance(self.prior, DiagonalGaussianPrior)
             guide = self.guide if isinstance(self.guide, str) else self.guide.name
-            self.inner = default_inner(self.algorithm, gauss_newton=diagonal and self.likelihood.has_curvature
-                                       and guide in GAUSS_NEWTON_GUIDES)
-        defaults = prior_defaults(self.algorithm, self.inner.method)
+            self.inner = self.spec.default_inner(diagonal and self.likelihood.has_curvature
+                                                 and guide in GAUSS_NEWTON_GUIDES)
+        defaults = self.spec.prior_defaults(self.inner.method)
         if self.gem_plus_mode is None:
             self.gem_plus_mode = defaults.gem_plus_mode
         if self.gem_plus_mode not in GEM_PLUS_MODES:
@@ -219,22 +167,14 @@ class MetaLearner:
             self.max_prior_scale = defaults.max_prior_scale
         if isinstance(self.prior, str):  # one-line swap: MetaLearner(net, prior="laplace")
             self.prior = make_prior(self.prior, batched, self.prior_scale, max_scale=self.max_prior_scale)
-        if self.algorithm == "bmaml" and self.prior is None:  # M = inner.num_samples particles around the net
-            self.prior = ParticlePrior.around(batched.initial_vector(), self.inner.num_samples, self.prior_scale,
-                                              torch.Generator().manual_seed(0))
-        if self.prior is not None and (self.algorithm == "bmaml") != isinstance(self.prior, ParticlePrior):
-            raise ValueError(f"algorithm {self.algorithm!r} cannot use a {type(self.prior).__name__}: BMAML needs a "
-                             f"ParticlePrior and a ParticlePrior is only for BMAML")
-        if self.prior is None:
-            self.prior = DiagonalGaussianPrior(batched.initial_vector(), torch.tensor(self.prior_scale).log(),
-                                               max_scale=self.max_prior_scale)
-        if self.algorithm == "abml" and not isinstance(self.prior, DiagonalGaussianPrior):
-            raise ValueError(f"abml unrolls SVI through a diagonal Gaussian prior's (mu, log_sigma); got a "
-                             f"{type(self.prior).__name__}: use gem-bml or gem-bml+ for other priors")
+        if self.prior is None:  # a diagonal Gaussian around the net (BMAML: inner.num_samples particles)
+            self.prior = self.spec.default_prior(self, batched)
+        self.spec.check(self)  # e.g. BMAML needs a ParticlePrior, ABML a diagonal Gaussian one
         if isinstance(self.guide, str):
             self.guide = make_guide(self.guide)
-        if self.likelihood.learnable and self.algorithm not in ("gem-bml", "gem-bml+"):
-            raise ValueError(f"a learned likelihood scale is meta-learned by GEM (gem-bml, gem-bml+) through Fisher's "
+        if self.likelihood.learnable and not self.spec.learns_likelihood:
+            learners = ", ".join(n for n, a in ALGORITHMS.items() if a.learns_likelihood)
+            raise ValueError(f"a learned likelihood scale is meta-learned by GEM ({learners}) through Fisher's "
                              f"identity; {self.algorithm!r} does not learn it: use a fixed scale (learn_scale=False)")
         self.model = HierarchicalModel(batched, self.prior, self.likelihood)
         self.optimizer = make_optimizer(self.meta_optimizer, self.meta_parameters(), self.meta_lr)
@@ -245,27 +185,11 @@ class MetaLearner:
         return list(self.prior.parameters()) + [p for p in self.likelihood.parameters() if p.requires_grad]
 
     def meta_gradient(self, batch: TaskBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """The meta-loss gradient ``{name: grad}`` (descent direction, averaged over the batch's tasks)."""
-        model, guide, cfg, name = self.model, self.guide, self.inner, self.algorithm
-        if name == "gem-bml":  # GEM functions return per-task ascent directions of L
-            per_task, _ = gem_bml_gradient(model, guide, batch, cfg, generator, self.closed_form)
-            return {n: -g.mean(0) for n, g in per_task.items()}
-        if name == "gem-bml+":
-            per_task, _ = gem_plus_gradient(model, guide, batch, cfg, generator, self.closed_form, self.gem_plus_mode)
-            return {n: -g.mean(0) for n, g in per_task.items()}
-        if name == "abml":  # an ascent direction of the ELBO, already averaged over tasks
-            return {n: -g for n, g in abml_gradient(model, guide, batch, cfg, generator).items()}
-        if name == "maml":
-            return maml_gradient(model, batch, cfg)
-        if name == "fomaml":
-            return fomaml_gradient(model, batch, cfg)
-        if name == "reptile":
-            return reptile_gradient(model, batch, cfg)
-        if name == "imaml":
-            return imaml_gradient(model, batch, cfg)
-        if name == "bmaml":
-            return bmaml_gradient(model, batch, cfg)
-        return pretrain_gradient(model, batch, cfg)
+        """The meta-loss gradient ``{name: grad}`` (descent direction, averaged over the batch's tasks).
+
+        The registered algorithm's :meth:`~hbmeta.inference.algorithm.Algorithm.meta_gradient`.
+        """
+        return self.spec.meta_gradient(self, batch, generator)
 
     def meta_step(self, batch: TaskBatch, generator: torch.Generator | None = None) -> dict[str, float]:
         """One meta-update (Algorithm 1, lines 4-10). Returns a few numbers to log."""
@@ -301,19 +225,7 @@ class MetaLearner:
         x, y = x.to(self.device), y.to(self.device)
         cfg = inner or self.inner
         steps = cfg.steps if steps is None else steps
-        num_tasks = x.shape[0]
-        if self.algorithm == "imaml":
-            return imaml_adapt(self.model, x, y, cfg, steps, callback)
-        if self.algorithm == "bmaml":
-            return bmaml_adapt(self.model, x, y, cfg, steps, callback)
-        if self.spec.bayesian:  # Gauss-Newton VI also keeps the linearised posterior for the predictive
-            return fit_posterior(self.model, self.guide, x, y, self.model.initial_posterior(x, y), config=cfg,
-                                 steps=steps, generator=generator, callback=callback, laplace=True)
-        theta0 = self.prior.loc.detach().expand(num_tasks, -1)
-        cb = None if callback is None else (lambda k, th: callback(k, Posterior(th)))
-        if cfg.optimizer.lower() != "sgd":  # adapt with the optimizer the algorithm meta-trained with (Reptile: Adam)
-            return Posterior(optimizer_adapt(self.model, theta0, x, y, cfg, steps, callback=cb))
-        return Posterior(sgd_adapt(self.model, theta0, x, y, steps, cfg.lr, callback=cb).detach())
+        return self.spec.adapt(self, x, y, cfg, steps, generator, callback)
 
     @torch.no_grad()
     def predict(self, posterior: Posterior, x: Tensor, num_samples: int = 100,

@@ -14,29 +14,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hbmeta.inference.algorithm import Algorithm, LearnerState, register_algorithm
 from hbmeta.inference.batch import TaskBatch
-from hbmeta.inference.inner import InnerConfig
+from hbmeta.inference.inner import InnerConfig, sgd_adapt  # sgd_adapt re-exported (its home is inner.py)
 from hbmeta.models.hierarchical import HierarchicalModel
 
-__all__ = ["sgd_adapt", "maml_gradient", "fomaml_gradient"]
-
-
-def sgd_adapt(model: HierarchicalModel, theta: Tensor, x: Tensor, y: Tensor, steps: int, lr: float,
-              create_graph: bool = False, callback=None) -> Tensor:
-    """``steps`` plain SGD steps on each task's loss, all tasks at once; ``theta [T, P]``."""
-    if not create_graph:
-        theta = theta.detach().requires_grad_()
-    if callback is not None:
-        callback(0, theta.detach())
-    for step in range(1, steps + 1):
-        loss = model.point_loss(theta, x, y).sum()
-        (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
-        theta = theta - lr * grad
-        if not create_graph:
-            theta = theta.detach().requires_grad_()
-        if callback is not None:
-            callback(step, theta.detach())
-    return theta
+__all__ = ["sgd_adapt", "maml_gradient", "fomaml_gradient", "MAMLAlgorithm", "FOMAMLAlgorithm", "MAML", "FOMAML"]
 
 
 def maml_gradient(model: HierarchicalModel, batch: TaskBatch, config: InnerConfig) -> dict[str, Tensor]:
@@ -57,3 +40,39 @@ def fomaml_gradient(model: HierarchicalModel, batch: TaskBatch, config: InnerCon
     loss = model.point_loss(theta, batch.x_val, batch.y_val).sum()
     (grad,) = torch.autograd.grad(loss, theta)
     return {"mu": grad.mean(0)}
+
+
+class MAMLAlgorithm(Algorithm):
+    """MAML: a point estimate; adapts by its inner SGD (the base class's defaults: SGD at 0.01)."""
+
+    name = "maml"
+    meta_loss = "L[2]"
+    estimator = "unrolled SGD, second order"
+    backprop_through_inner = True
+    bayesian = False
+    reference = "Finn et al. 2017"
+    description = "query loss after K inner SGD steps, differentiated through them"
+
+    def meta_gradient(self, learner: LearnerState, batch: TaskBatch,
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return maml_gradient(learner.model, batch, learner.inner)
+
+
+class FOMAMLAlgorithm(Algorithm):
+    """First-order MAML: as MAML without the second-order terms."""
+
+    name = "fomaml"
+    meta_loss = "L[2]"
+    estimator = "first-order approximation"
+    backprop_through_inner = False
+    bayesian = False
+    reference = "Finn et al. 2017"
+    description = "query-loss gradient at the adapted weights"
+
+    def meta_gradient(self, learner: LearnerState, batch: TaskBatch,
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return fomaml_gradient(learner.model, batch, learner.inner)
+
+
+MAML = register_algorithm(MAMLAlgorithm())
+FOMAML = register_algorithm(FOMAMLAlgorithm())

@@ -11,29 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hbmeta.inference.algorithm import Algorithm, LearnerState, register_algorithm
 from hbmeta.inference.batch import TaskBatch
-from hbmeta.inference.inner import InnerConfig, make_optimizer
+from hbmeta.inference.inner import InnerConfig, optimizer_adapt  # optimizer_adapt re-exported (its home is inner.py)
 from hbmeta.models.hierarchical import HierarchicalModel
 
-__all__ = ["optimizer_adapt", "reptile_gradient", "pretrain_gradient"]
-
-
-def optimizer_adapt(model: HierarchicalModel, theta: Tensor, x: Tensor, y: Tensor, config: InnerConfig,
-                    steps: int | None = None, callback=None) -> Tensor:
-    """K steps of the configured torch optimizer on each task's loss, all tasks at once; ``theta [T, P]``.
-
-    ``callback(step, theta)`` is called before the first step and after every step (for evaluation)."""
-    theta = theta.detach().clone().requires_grad_()
-    opt = make_optimizer(config.optimizer, [theta], config.lr)
-    if callback is not None:
-        callback(0, theta.detach())
-    for step in range(1, (config.steps if steps is None else steps) + 1):
-        opt.zero_grad(set_to_none=True)
-        model.point_loss(theta, x, y).sum().backward()
-        opt.step()
-        if callback is not None:
-            callback(step, theta.detach().clone())
-    return theta.detach()
+__all__ = ["optimizer_adapt", "reptile_gradient", "pretrain_gradient", "ReptileAlgorithm", "PretrainAlgorithm",
+           "REPTILE", "PRETRAIN"]
 
 
 def reptile_gradient(model: HierarchicalModel, batch: TaskBatch, config: InnerConfig) -> dict[str, Tensor]:
@@ -51,3 +35,39 @@ def pretrain_gradient(model: HierarchicalModel, batch: TaskBatch, config: InnerC
     loss = model.point_loss(mu.expand(batch.num_tasks, -1), x, y).mean()
     (grad,) = torch.autograd.grad(loss, mu)
     return {"mu": grad}
+
+
+class ReptileAlgorithm(Algorithm):
+    """Reptile: a point estimate; adapts with the inner optimizer it meta-trained with (the base class's)."""
+
+    name = "reptile"
+    meta_loss = "L[1]"
+    estimator = "GEM with a Delta guide, fixed scale"
+    backprop_through_inner = False
+    bayesian = False
+    reference = "Nichol et al. 2018"
+    description = "mu - theta_tau after K inner steps on each task's joint data"
+
+    def meta_gradient(self, learner: LearnerState, batch: TaskBatch,
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return reptile_gradient(learner.model, batch, learner.inner)
+
+
+class PretrainAlgorithm(Algorithm):
+    """Pre-training: one model fitted to all tasks' data (the baseline with no inner loop in its meta-gradient)."""
+
+    name = "pretrain"
+    meta_loss = "L[1]"
+    estimator = "GEM with a Delta prior (sigma -> 0)"
+    backprop_through_inner = False
+    bayesian = False
+    reference = "GEM-BML sec. 4"
+    description = "loss gradient at mu on all tasks' data"
+
+    def meta_gradient(self, learner: LearnerState, batch: TaskBatch,
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return pretrain_gradient(learner.model, batch, learner.inner)
+
+
+REPTILE = register_algorithm(ReptileAlgorithm())
+PRETRAIN = register_algorithm(PretrainAlgorithm())
