@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from hbmeta.experiments.config import TrainConfig
+from hbmeta.experiments import TrainConfig, resolve_config
 from hbmeta.training.runtime import torch_threads
 
 __all__ = ["BENCHMARKS", "BUDGETS", "ALGORITHMS", "AccuracyBenchConfig", "run_accuracy_benchmark", "seed_interval",
@@ -93,9 +93,10 @@ class AccuracyBenchConfig:
         """The run's :class:`TrainConfig`: the experiment at the algorithm's defaults, with the budget's size."""
         experiment, fixed = BENCHMARKS[benchmark]
         iterations, meta_batch = BUDGETS[self.budget][benchmark]
-        return TrainConfig(experiment=experiment, algorithm=algorithm, iterations=iterations, meta_batch=meta_batch,
-                           seed=seed, device=self.device, threads=self.threads, data_root=self.data_root,
-                           checkpoint_every=max(1, min(500, iterations)), **fixed)
+        return resolve_config(TrainConfig.from_flat(
+            experiment=experiment, algorithm=algorithm, iterations=iterations, meta_batch=meta_batch, seed=seed,
+            device=self.device, threads=self.threads, data_root=self.data_root,
+            checkpoint_every=max(1, min(500, iterations)), **fixed))
 
 
 def run_dir(config: AccuracyBenchConfig, benchmark: str, algorithm: str, seed: int) -> Path:
@@ -121,7 +122,7 @@ def run_one(config: AccuracyBenchConfig, benchmark: str, algorithm: str, seed: i
     folder = run_dir(config, benchmark, algorithm, seed)
     train_config = config.run_config(benchmark, algorithm, seed)
     metric = get_experiment(train_config.experiment).metric
-    settings = {"config": train_config.to_dict(), "test_tasks": config.test_tasks[metric], "test_seed": TEST_SEED,
+    settings = {"config": train_config.to_flat(), "test_tasks": config.test_tasks[metric], "test_seed": TEST_SEED,
                 "steps": list(STEPS)}
     result_path = folder / "result.json"
     if result_path.exists():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from hbmeta.experiments.config import TrainConfig
+from hbmeta.experiments import TrainConfig, resolve_config
 from hbmeta.evaluation.meta_test import evaluate_regression
 from hbmeta.experiments.registry import get_experiment
 from hbmeta.evaluation.plots import plot_sinusoid_predictive
@@ -39,14 +39,14 @@ def run_demo(out_dir: str | Path = "runs/demo", iterations: int = 4000, meta_bat
     out_dir = Path(out_dir)
     results, learners, seconds = {}, {}, {}
     for algo in algorithms:
-        config = TrainConfig(experiment="sinusoid", algorithm=algo, iterations=iterations, meta_batch=meta_batch,
-                             seed=seed, device=device, checkpoint_every=max(iterations, 1))
+        config = resolve_config(TrainConfig(experiment="sinusoid", algorithm=algo, iterations=iterations, meta_batch=meta_batch,
+                             seed=seed, device=device, checkpoint_every=max(iterations, 1)))
         run = train(config, out_dir / algo, resume=(out_dir / algo / "checkpoint.pt").exists(), progress=progress)
         tasks = get_experiment("sinusoid").make_tasks(config)
         results[algo] = evaluate_regression(run.learner, tasks, STEPS, num_tasks=num_test_tasks)
         (out_dir / algo / "evaluation.json").write_text(json.dumps(results[algo], indent=2))
         learners[algo], seconds[algo] = run.learner, run.seconds
-    test = get_experiment("sinusoid").make_tasks(TrainConfig()).sample(1, torch.Generator().manual_seed(7))
+    test = get_experiment("sinusoid").make_tasks(resolve_config(TrainConfig())).sample(1, torch.Generator().manual_seed(7))
     plot = plot_sinusoid_predictive(learners, test, out_dir / "predictive.png", steps=max(STEPS))
     summary = {"iterations": iterations, "meta_batch": meta_batch, "seed": seed, "train_seconds": seconds,
                "mse": {a: {str(k): v for k, v in r.items()} for a, r in results.items()}, "plot": str(plot)}

@@ -61,18 +61,18 @@ def random_image_batch(config: ScalingBenchConfig, generator: torch.Generator) -
 
 def _learner(algorithm: str, steps: int, config: ScalingBenchConfig) -> MetaLearner:
     """A fresh learner with the algorithm's miniImageNet recipe, ``steps`` inner steps, conv4 at ``image_size``."""
-    from hbmeta.experiments.config import TrainConfig
+    from hbmeta.experiments import TrainConfig, resolve_config
     from hbmeta.models.conv import Conv4
     from hbmeta.models.likelihoods import CategoricalLikelihood
 
-    c = TrainConfig(experiment="miniimagenet", algorithm=algorithm, ways=config.ways, k_shot=config.shots,
-                    k_query=config.queries, meta_batch=config.meta_batch, inner_steps=steps, seed=config.seed,
-                    device=config.device)
+    c = resolve_config(TrainConfig.from_flat(experiment="miniimagenet", algorithm=algorithm, ways=config.ways,
+                                             k_shot=config.shots, k_query=config.queries, meta_batch=config.meta_batch,
+                                             inner_steps=steps, seed=config.seed, device=config.device))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         net = Conv4(in_channels=3, num_classes=config.ways, filters=32, strided=False, image_size=config.image_size)
-    return MetaLearner(net.to(config.device), CategoricalLikelihood(), algorithm=algorithm, guide=c.guide,
-                       inner=c.inner(), meta_lr=c.meta_lr, prior_scale=c.prior_scale, max_prior_scale=c.prior_scale_ceiling)
+    return MetaLearner(net.to(config.device), CategoricalLikelihood(), algorithm=algorithm, guide=c.model.guide,
+                       inner=c.inner_config(), meta_lr=c.meta_lr, prior_scale=c.model.prior_scale, max_prior_scale=c.model.prior_scale_ceiling)
 
 
 def run_scaling_benchmark(config: ScalingBenchConfig | None = None, progress: bool = False) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from hbmeta.experiments.config import TrainConfig
+from hbmeta.experiments import TrainConfig, resolve_config
 from hbmeta.training.runtime import resolve_device, torch_threads
 from hbmeta.training.runtime import amp_autocast, check_amp
 from hbmeta.inference.batch import TaskBatch
@@ -71,10 +71,11 @@ class ThroughputConfig:
 
 def _train_config(workload: str, algorithm: str, meta_batch: int, config: ThroughputConfig) -> TrainConfig:
     if workload == "sinusoid":
-        return TrainConfig(experiment="sinusoid", algorithm=algorithm, meta_batch=meta_batch, seed=config.seed,
-                           device=config.device)
-    return TrainConfig(experiment="omniglot", algorithm=algorithm, ways=5, k_shot=1, k_query=config.queries,
-                       meta_batch=meta_batch, seed=config.seed, device=config.device)
+        return resolve_config(TrainConfig(experiment="sinusoid", algorithm=algorithm, meta_batch=meta_batch,
+                                          seed=config.seed, device=config.device))
+    return resolve_config(TrainConfig(experiment="omniglot", algorithm=algorithm, ways=5, k_shot=1,
+                                      k_query=config.queries, meta_batch=meta_batch, seed=config.seed,
+                                      device=config.device))
 
 
 def _batch(workload: str, c: TrainConfig, generator: torch.Generator) -> TaskBatch:
@@ -112,8 +113,8 @@ def _time_one(workload: str, algorithm: str, meta_batch: int, config: Throughput
         if rep >= config.warmup:
             times.append(time.perf_counter() - began)
     seconds = statistics.median(times)
-    row = {"workload": workload, "algorithm": algorithm, "meta_batch": meta_batch, "inner_steps": c.inner_steps,
-           "num_samples": c.num_samples, "seconds_per_iter": seconds, "seconds_all": times,
+    row = {"workload": workload, "algorithm": algorithm, "meta_batch": meta_batch, "inner_steps": c.inner.steps,
+           "num_samples": c.inner.num_samples, "seconds_per_iter": seconds, "seconds_all": times,
            "tasks_per_second": meta_batch / seconds}
     if device.type == "cuda":
         row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20

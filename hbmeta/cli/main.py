@@ -64,10 +64,10 @@ def _add_train(sub) -> None:
                    help="Gauss-Newton VI's guide variances: the KL-optimal mean-field ones or the exact marginals")
     p.add_argument("--inner-method", default=None, choices=["gauss-newton", "svi"],
                    help="Bayesian inner update; default gauss-newton for gem-bml(+) with the diagonal prior")
-    p.add_argument("--guide", default=d.guide, help="meanfield, delta, fullcov or lowrank")
-    p.add_argument("--prior", default=d.prior, choices=["diagonal", "lowrank", "mixture", "laplace", "studentt"],
+    p.add_argument("--guide", default=d.model.guide, help="meanfield, delta, fullcov or lowrank")
+    p.add_argument("--prior", default=d.model.prior, choices=["diagonal", "lowrank", "mixture", "laplace", "studentt"],
                    help="prior over the weights (docs/priors-and-guides.md)")
-    p.add_argument("--prior-components", type=int, default=d.prior_components,
+    p.add_argument("--prior-components", type=int, default=d.model.prior_components,
                    help="mixture components K, or the rank of the low-rank prior")
     p.add_argument("--gem-plus-mode", default=None, choices=["sequential", "joint", "restart"],
                    help="how GEM-BML+ fits q2; default restart with Gauss-Newton VI, sequential with SVI")
@@ -90,13 +90,13 @@ def _add_train(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--eval-tasks", type=int, default=None,
                    help="new tasks for the evaluation after training (default: 100 regression, 600 classification)")
-    p.add_argument("--scheduler", default=d.scheduler, choices=["uniform", "greedy", "ats"],
+    p.add_argument("--scheduler", default=d.scheduler.name, choices=["uniform", "greedy", "ats"],
                    help="task scheduler: uniform (default), greedy (hardest first) or ats (learned; docs/ats.md)")
     p.add_argument("--pool-size", type=int, default=None, help="candidate tasks per iteration (default 2 x meta-batch)")
     p.add_argument("--temperature", type=float, default=None, help="scheduler softmax temperature (default 0.1 "
                    "with --label-noise, else 1)")
-    p.add_argument("--scheduler-lr", type=float, default=d.scheduler_lr, help="ATS scheduler learning rate")
-    p.add_argument("--scheduler-warmup", type=int, default=d.scheduler_warmup,
+    p.add_argument("--scheduler-lr", type=float, default=d.scheduler.lr, help="ATS scheduler learning rate")
+    p.add_argument("--scheduler-warmup", type=int, default=d.scheduler.warmup,
                    help="first iterations train only the ATS scheduler (meta-updates undone)")
     p.add_argument("--label-noise", type=float, default=d.label_noise,
                    help="mean symmetric label-flip ratio of meta-training support sets (per-task ratios around it)")
@@ -184,13 +184,12 @@ def _print_evaluation(evaluation: dict) -> None:
 def _cmd_train(args) -> int:
     import torch
 
-    from hbmeta.experiments.config import TrainConfig
     from hbmeta.evaluation.meta_test import evaluate_experiment
-    from hbmeta.experiments.registry import get_experiment
-    from hbmeta.training.loop import train
+    from hbmeta.experiments import get_experiment, make_config
+    from hbmeta.training import train
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume", "no_progress", "eval_tasks")}
-    config = TrainConfig(**fields)
+    config = make_config(**fields)  # every default filled in, for the report below
     if get_experiment(config.experiment).metric == "return":  # meta-RL (hbmeta.tasks.rl)
         from hbmeta.cli.rl import train_command
 
@@ -198,7 +197,7 @@ def _cmd_train(args) -> int:
     result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
     if result.rank != 0:  # a distributed run: rank 0 evaluates and writes the files
         return 0
-    steps = tuple(sorted({0, 1, 5, 10, config.test_steps}))
+    steps = tuple(sorted({0, 1, 5, 10, config.inner.test_steps}))
     evaluation = evaluate_experiment(result.learner, config, steps, num_tasks=args.eval_tasks)
     (Path(args.out) / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
     print(f"trained {config.algorithm} on {config.experiment} for {config.iterations} iterations in {result.seconds:.1f}s")
@@ -209,7 +208,7 @@ def _cmd_train(args) -> int:
 
         test = get_experiment(config.experiment).make_tasks(config).sample(1, torch.Generator().manual_seed(7))
         written.append(str(plot_sinusoid_predictive({config.algorithm: result.learner}, test,
-                                                    Path(args.out) / "plots" / "predictive.png", steps=config.test_steps)))
+                                                    Path(args.out) / "plots" / "predictive.png", steps=config.inner.test_steps)))
     print("wrote " + " and ".join(written))
     return 0
 

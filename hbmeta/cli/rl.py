@@ -28,7 +28,7 @@ def train_command(config, out: str, resume: bool, progress: bool, eval_tasks: in
     from hbmeta.training.rl import train_rl
 
     result = train_rl(config, out, resume=resume, progress=progress)
-    evaluation = evaluate_rl_run(result.learner, config, config.test_steps, num_tasks=eval_tasks)
+    evaluation = evaluate_rl_run(result.learner, config, config.inner.test_steps, num_tasks=eval_tasks)
     (Path(out) / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
     print(f"trained {config.algorithm} on {config.experiment} for {config.iterations} iterations in {result.seconds:.1f}s")
     print(format_returns(evaluation))

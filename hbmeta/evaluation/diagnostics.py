@@ -468,4 +468,4 @@ def diagnose_run(run_dir: str | Path, out_dir: str | Path | None = None, num_tas
     threads = config.threads if resolve_device(device).type == "cpu" else None
     with torch_threads(threads):
         return diagnose(learner, batch, base / "diagnostics" if out_dir is None else out_dir,
-                        steps=config.test_steps if steps is None else steps, seed=seed, info=info)
+                        steps=config.inner.test_steps if steps is None else steps, seed=seed, info=info)

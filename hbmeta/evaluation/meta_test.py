@@ -6,6 +6,7 @@ import torch
 
 from hbmeta.evaluation.calibration import calibration_errors, predictive_probabilities, reliability_diagram
 from hbmeta.evaluation.stats import mean_ci95
+from hbmeta.experiments import TrainConfig, get_experiment, resolve_config
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.learner import MetaLearner
 from hbmeta.tasks.sinusoid import SinusoidBatch, SinusoidTasks
@@ -91,11 +92,10 @@ def evaluate_classification(learner: MetaLearner, tasks, steps: tuple[int, ...] 
     return result
 
 
-def evaluate_experiment(learner: MetaLearner, config, steps: tuple[int, ...], num_tasks: int | None = None,
+def evaluate_experiment(learner: MetaLearner, config: TrainConfig, steps: tuple[int, ...], num_tasks: int | None = None,
                         seed: int = 12345) -> dict[int, dict[str, float]]:
     """Meta-test a run on its experiment's held-out tasks, with the experiment's metric."""
-    from hbmeta.experiments.registry import get_experiment
-
+    config = resolve_config(config)
     experiment = get_experiment(config.experiment)
     tasks = experiment.test_tasks(config)
     if experiment.metric == "accuracy":
@@ -118,7 +118,6 @@ def compare_calibration(run_dirs: list, out_dir, num_tasks: int = 600, seed: int
     import json
     from pathlib import Path
 
-    from hbmeta.experiments.registry import get_experiment
     from hbmeta.training.runs import load_learner
 
     results, report, tasks_key = {}, {}, None
@@ -132,7 +131,7 @@ def compare_calibration(run_dirs: list, out_dir, num_tasks: int = 600, seed: int
             raise ValueError(f"{run} has tasks {key}, the first run {tasks_key}: compare runs on the same tasks")
         tasks_key = key
         batch = experiment.test_tasks(config).sample(num_tasks, torch.Generator().manual_seed(seed))
-        k = config.test_steps if steps is None else steps
+        k = config.inner.test_steps if steps is None else steps
         probs = classification_outputs(learner, batch, (k,), num_samples, seed)[k]
         name = f"{config.algorithm} ({Path(run).name})"
         results[name] = calibration_errors(probs, batch.y_val, num_bins=num_bins)

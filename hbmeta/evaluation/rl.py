@@ -39,7 +39,7 @@ def evaluate_rl_run(learner: PolicyMetaLearner, config, steps: int = 3, num_task
     """Meta-test a run on new tasks of its experiment (default: 40 tasks for nav2d, 10 for HalfCheetah)."""
     from hbmeta.tasks.rl.envs import make_task_distribution
 
-    env = make_task_distribution(config.experiment, config.horizon)
+    env = make_task_distribution(config.experiment, config.rl.horizon)
     num_tasks = num_tasks or (40 if config.experiment == "nav2d" else 10)
     tasks = env.sample_tasks(num_tasks, torch.Generator().manual_seed(seed))
     return evaluate_policy(learner, env, tasks, steps, episodes, seed)

@@ -1,19 +1,144 @@
-"""Run configuration as a dataclass; defaults follow the paper's tables where they fit a CPU budget."""
+"""The run configuration: plain data, in parts a reader can take in one at a time.
+
+A :class:`TrainConfig` says what a meta-training run is. Its core fields (experiment, algorithm, budget, task
+shape, seed, where it runs) sit at the top level; the rest is grouped:
+
+- ``inner`` (:class:`InnerSettings`): the inner update, how each task's posterior is fitted and meta-tested;
+- ``model`` (:class:`ModelSettings`): the hierarchical model's prior, guide and likelihood scale;
+- ``rl`` (:class:`RLSettings`): meta-RL only;
+- ``scheduler`` (:class:`SchedulerSettings`): the task scheduler (ATS);
+- ``distributed`` (:class:`DistributedSettings`): torchrun.
+
+A field left ``None`` means "the default": the experiment's (the papers' tables) and then the algorithm family's.
+This module does not know them; :func:`hbmeta.experiments.resolve_config` fills them in, and
+:func:`hbmeta.training.train` resolves the config it is given. Constructing a config only checks its own
+values.
+
+Every field also has a *flat name*, the command-line flag without dashes (``inner_steps``, ``prior_scale``,
+``scheduler``): :meth:`TrainConfig.from_flat` and :meth:`TrainConfig.to_flat` speak it, and run folders written
+before the config had parts (flat ``config.json``) still load and resume.
+
+Example:
+    >>> from hbmeta.experiments.config import InnerSettings, TrainConfig
+    >>> config = TrainConfig("sinusoid", iterations=500, inner=InnerSettings(steps=3))
+    >>> config.inner.steps, TrainConfig.from_flat(experiment="sinusoid", inner_steps=3).inner.steps
+    (3, 3)
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-
-import torch
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from hbmeta.inference.inner import InnerConfig
-from hbmeta.inference.learner import GAUSS_NEWTON_GUIDES, default_inner, get_algorithm, prior_defaults
+from hbmeta.inference.learner import get_algorithm
+from hbmeta.models.prior_factory import PRIORS
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "InnerSettings", "ModelSettings", "RLSettings", "SchedulerSettings", "DistributedSettings",
+           "SCHEDULERS", "FLAT_FIELDS"]
+
+#: task schedulers (:mod:`hbmeta.training.schedulers` builds them)
+SCHEDULERS = ("uniform", "greedy", "ats")
+
+
+@dataclass
+class InnerSettings:
+    """The inner update (GEM-BML Algorithm 1, line 6) and the meta-test adaptation.
+
+    ``None`` takes the experiment's, then the algorithm family's default
+    (:func:`hbmeta.inference.learner.default_inner`).
+    """
+
+    method: str | None = None  # "gauss-newton" or "svi" (hbmeta.inference.inner.INNER_METHODS)
+    variance: str = "meanfield"  # Gauss-Newton's guide variances: meanfield or marginal (InnerConfig.variance)
+    steps: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    scale_lr: float | None = None  # SVI: learning rate of the guide's scales
+    num_samples: int | None = None  # Monte-Carlo samples per SVI step (BMAML: particles)
+    clip_norm: float | None = None  # per-task gradient clipping in the inner loop
+    imaml_lambda: float | None = None
+    cg_steps: int | None = None
+    test_steps: int | None = None  # adaptation steps at meta-test (the paper's 10)
+    gem_plus_mode: str | None = None  # how GEM-BML+ fits q2 (hbmeta.inference.gem.GEM_PLUS_MODES)
+
+
+@dataclass
+class ModelSettings:
+    """The hierarchical model: prior over the weights, per-task guide, likelihood scale."""
+
+    prior: str = "diagonal"  # hbmeta.models.prior_factory.PRIORS
+    prior_components: int = 2  # mixture components K, or the rank of the low-rank prior
+    prior_scale: float | None = None  # initial prior sd; None: hbmeta.inference.learner.prior_defaults
+    max_prior_scale: float | None = None  # ceiling on the learned prior sd; None: the default; 0: no ceiling
+    guide: str = "meanfield"
+    noise_scale: float | None = None  # regression likelihood noise sd; None: the inner update's default
+    learn_likelihood: bool = False  # meta-learn the noise sd / softmax temperature by GEM (gem-bml, gem-bml+)
+
+    @property
+    def prior_scale_ceiling(self) -> float | None:
+        """``max_prior_scale`` as the prior takes it (``None``: no ceiling)."""
+        return self.max_prior_scale if self.max_prior_scale and self.max_prior_scale > 0 else None
+
+
+@dataclass
+class RLSettings:
+    """Meta-RL (GEM-BML section 5.3; :mod:`hbmeta.training.rl`)."""
+
+    horizon: int | None = None  # steps per episode (nav2d 100, cheetah 200)
+    inner: str | None = None  # the Bayesian learners' inner update, "pg" or "trpo"
+    max_kl: float | None = None  # TRPO's KL bound (inner TRPO; MAML's meta-update)
+
+
+@dataclass
+class SchedulerSettings:
+    """Which tasks each meta-iteration trains on (ATS, Yao et al. 2021; :mod:`hbmeta.training.schedulers`)."""
+
+    name: str = "uniform"  # uniform, greedy or ats
+    pool_size: int | None = None  # candidate tasks per iteration (default 2 x meta_batch)
+    temperature: float | None = None  # softmax temperature (default 0.1 with label noise, else 1)
+    lr: float = 1e-3
+    warmup: int = 0  # first iterations train only the ATS scheduler (meta-updates undone)
+
+
+@dataclass
+class DistributedSettings:
+    """torchrun (:mod:`hbmeta.training.distributed`)."""
+
+    enabled: bool = False  # the tasks of each meta-batch split over the ranks
+    private: bool = False  # GEM-BML(+): only posterior parameters on the wire
+
+
+#: parts of a :class:`TrainConfig` and their classes
+PARTS: dict[str, type] = {"inner": InnerSettings, "model": ModelSettings, "rl": RLSettings,
+                          "scheduler": SchedulerSettings, "distributed": DistributedSettings}
+#: flat names (the command-line flags, the fields of configs written before the parts) that are not ``part_field``
+_RENAMED = {"inner_method": ("inner", "method"), "inner_variance": ("inner", "variance"),
+            "inner_steps": ("inner", "steps"), "inner_lr": ("inner", "lr"), "inner_optimizer": ("inner", "optimizer"),
+            "inner_scale_lr": ("inner", "scale_lr"), "rl_inner": ("rl", "inner"), "scheduler": ("scheduler", "name"),
+            "scheduler_lr": ("scheduler", "lr"), "scheduler_warmup": ("scheduler", "warmup"),
+            "distributed": ("distributed", "enabled")}
+
+
+def _flat_fields() -> dict[str, tuple[str, str]]:
+    out = {}
+    renamed = {v: k for k, v in _RENAMED.items()}
+    for part, cls in PARTS.items():
+        for f in fields(cls):
+            out[renamed.get((part, f.name), f.name)] = (part, f.name)
+    return out
+
+
+#: flat name -> (part, field) for every field inside a part
+FLAT_FIELDS: dict[str, tuple[str, str]] = _flat_fields()
+
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a meta-training run (saved as ``config.json`` in the run folder)."""
+    """Everything that defines a meta-training run (saved as ``config.json`` in the run folder).
+
+    Core fields here; the inner update, model, RL, scheduler and distributed settings in their parts.
+    """
 
     experiment: str = "sinusoid"
     algorithm: str = "gem-bml+"
@@ -23,125 +148,110 @@ class TrainConfig:
     k_query: int | None = None
     ways: int = 5
     data_root: str | None = None
-    split: str = "paper"
-    inner_method: str | None = None  # "gauss-newton" or "svi" (hbmeta.inference.inner.INNER_METHODS); None: the algorithm's
-    inner_variance: str = "meanfield"  # Gauss-Newton's guide variances: meanfield or marginal (InnerConfig.variance)
-    inner_steps: int | None = None
-    inner_lr: float | None = None
-    inner_optimizer: str | None = None
-    inner_scale_lr: float | None = None
-    num_samples: int | None = None
-    clip_norm: float | None = None
-    imaml_lambda: float | None = None
-    cg_steps: int | None = None
-    test_steps: int | None = None
-    meta_lr: float = 1e-3
-    prior_scale: float | None = None  # None: hbmeta.inference.learner.prior_defaults of the inner update
-    max_prior_scale: float | None = None  # None: the inner update's default; 0: no ceiling
-    noise_scale: float | None = None  # regression likelihood noise; None: the inner update's default
-    learn_likelihood: bool = False  # meta-learn the noise sd / softmax temperature by GEM (gem-bml, gem-bml+)
-    guide: str = "meanfield"
-    prior: str = "diagonal"
-    prior_components: int = 2
-    gem_plus_mode: str | None = None  # None: the inner update's default (hbmeta.inference.gem.GEM_PLUS_MODES)
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 100
-    log_every: int = 10
-    threads: int | None = 1
-    horizon: int | None = None  # RL: steps per episode (nav2d 100, cheetah 200; hbmeta.tasks.rl)
-    rl_inner: str | None = None  # RL: the Bayesian learners' inner update, "pg" or "trpo"
-    max_kl: float | None = None  # RL: TRPO's KL bound (inner TRPO; MAML's meta-update)
-    scheduler: str = "uniform"  # task scheduler (hbmeta.training.schedulers): uniform, greedy or ats
-    pool_size: int | None = None  # candidate tasks per iteration (non-uniform schedulers; default 2 x meta_batch)
-    temperature: float | None = None  # scheduler softmax temperature (default 0.1 with label noise, else 1)
-    scheduler_lr: float = 1e-3
-    scheduler_warmup: int = 0  # first iterations train only the ATS scheduler (meta-updates undone)
+    split: str = "paper"  # Omniglot character split: paper or vinyals
     label_noise: float = 0.0  # mean symmetric label-flip ratio of the support sets (hbmeta.tasks.noisy)
     class_budget: int | None = None  # meta-train on this many training classes only (hbmeta.tasks.noisy)
-    distributed: bool = False  # run under torchrun, tasks split over the ranks (hbmeta.training.distributed)
-    private: bool = False  # distributed, only posterior parameters on the wire (hbmeta.training.distributed)
+    meta_lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = 1
     amp: bool = False  # bf16 autocast of the inner loop's network forward passes (hbmeta.training.runtime)
+    checkpoint_every: int = 100
+    log_every: int = 10
+    inner: InnerSettings = field(default_factory=InnerSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    rl: RLSettings = field(default_factory=RLSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
 
     def __post_init__(self) -> None:
-        from hbmeta.experiments.registry import get_experiment
+        for name, cls in PARTS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):  # TrainConfig(inner={"steps": 3}) as from JSON
+                setattr(self, name, cls(**value))
+            elif not isinstance(value, cls):
+                raise TypeError(f"TrainConfig.{name} must be a {cls.__name__}; got {type(value).__name__}")
+        self.check()
 
-        self.algorithm = get_algorithm(self.algorithm).name
-        from hbmeta.models.prior_factory import PRIORS
+    def check(self) -> None:
+        """Check the values that are set (``None``: a default, filled in by resolution) against what is allowed."""
+        def at_least(name: str, value, low) -> None:
+            if value is not None and value < low:
+                raise ValueError(f"{name} must be >= {low}; got {value}")
 
-        if self.prior not in PRIORS or self.prior_components < 1:
-            raise ValueError(f"bad prior {self.prior!r} with {self.prior_components} components; choose one of "
-                             f"{', '.join(PRIORS)} and components >= 1")
-        experiment = get_experiment(self.experiment)
-        # fields left as None take the experiment's defaults (the paper's tables), then the algorithm's
-        for key, value in experiment.defaults(self).items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        gauss_newton = (self.prior == "diagonal" and self.guide in GAUSS_NEWTON_GUIDES
-                        and experiment.metric != "return")  # RL: policy-gradient VI
-        default = default_inner(self.algorithm, gauss_newton=gauss_newton)
-        if self.inner_method is None:
-            self.inner_method = default.method
-        if self.inner_method != default.method:
-            default = default_inner(self.algorithm, gauss_newton=self.inner_method == "gauss-newton")
-        family = prior_defaults(self.algorithm, self.inner_method)
-        for key in ("prior_scale", "noise_scale", "gem_plus_mode"):
-            if getattr(self, key) is None:
-                setattr(self, key, getattr(family, key))
-        if self.max_prior_scale is None:
-            self.max_prior_scale = family.max_prior_scale or 0.0  # 0: no ceiling (build_learner passes None)
-        if self.test_steps is None:
-            self.test_steps = 10  # the paper's meta-test budget (appendix C.4)
-        for key, attr in (("inner_steps", "steps"), ("inner_lr", "lr"), ("inner_optimizer", "optimizer"),
-                          ("num_samples", "num_samples"), ("clip_norm", "clip_norm"),
-                          ("imaml_lambda", "imaml_lambda"), ("cg_steps", "cg_steps")):
-            if getattr(self, key) is None:
-                setattr(self, key, getattr(default, attr))
-        for key in ("meta_batch", "k_shot", "k_query"):
-            if getattr(self, key) is None:
-                raise ValueError(f"experiment {self.experiment!r} has no default for {key}; give it explicitly")
-        if self.iterations < 0 or self.meta_batch < 1:
-            raise ValueError(f"iterations must be >= 0 and meta_batch >= 1; got {self.iterations}, {self.meta_batch}")
-        self._check_scheduler()
-
-    def _check_scheduler(self) -> None:
-        """Validate the task-scheduler fields and fill their defaults (ATS appendix C.1 / D.2)."""
-        from hbmeta.training.schedulers import SCHEDULERS
-
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        get_algorithm(self.algorithm)  # a clear error for an unknown (or unregistered) name
+        if self.model.prior not in PRIORS:
+            raise ValueError(f"unknown prior {self.model.prior!r}; choose one of {', '.join(PRIORS)}")
+        at_least("iterations", self.iterations, 0)
+        for name in ("meta_batch", "k_shot", "ways", "checkpoint_every", "log_every"):
+            at_least(name, getattr(self, name), 1)
+        at_least("k_query", self.k_query, 0)
         if not 0.0 <= self.label_noise <= 1.0:
             raise ValueError(f"label_noise must be in [0, 1]; got {self.label_noise}")
-        if self.scheduler != "uniform":
-            if self.distributed or self.private:
-                raise ValueError(f"--scheduler {self.scheduler} runs in single-process training only, not distributed")
-            self.pool_size = 2 * self.meta_batch if self.pool_size is None else self.pool_size
-            self.temperature = (0.1 if self.label_noise > 0 else 1.0) if self.temperature is None else self.temperature
-        if self.pool_size is not None and self.pool_size < self.meta_batch:
-            raise ValueError(f"pool_size={self.pool_size} must be at least meta_batch={self.meta_batch}")
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"temperature must be positive; got {self.temperature}")
+        if self.scheduler.name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler.name!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.scheduler.name != "uniform" and (self.distributed.enabled or self.distributed.private):
+            raise ValueError(f"--scheduler {self.scheduler.name} runs in single-process training only, not distributed")
+        if self.scheduler.pool_size is not None and self.meta_batch is not None \
+                and self.scheduler.pool_size < self.meta_batch:
+            raise ValueError(f"pool_size={self.scheduler.pool_size} must be at least meta_batch={self.meta_batch}")
+        if self.scheduler.temperature is not None and not self.scheduler.temperature > 0:
+            raise ValueError(f"temperature must be positive; got {self.scheduler.temperature}")
+        if self.model.prior_components < 1:
+            raise ValueError(f"prior_components must be >= 1; got {self.model.prior_components}")
 
-    @property
-    def prior_scale_ceiling(self) -> float | None:
-        """``max_prior_scale`` as the prior takes it (``None``: no ceiling)."""
-        return self.max_prior_scale if self.max_prior_scale and self.max_prior_scale > 0 else None
+    def inner_config(self) -> InnerConfig:
+        """The inner update's :class:`~hbmeta.inference.inner.InnerConfig` (of a resolved config)."""
+        s = self.inner
+        return InnerConfig(method=s.method, variance=s.variance, steps=s.steps, lr=s.lr, optimizer=s.optimizer,
+                           num_samples=s.num_samples, clip_norm=s.clip_norm, scale_lr=s.scale_lr,
+                           imaml_lambda=s.imaml_lambda, cg_steps=s.cg_steps)
 
-    def inner(self) -> InnerConfig:
-        return InnerConfig(method=self.inner_method, variance=self.inner_variance, steps=self.inner_steps, lr=self.inner_lr, optimizer=self.inner_optimizer,
-                           num_samples=self.num_samples, clip_norm=self.clip_norm, scale_lr=self.inner_scale_lr,
-                           imaml_lambda=self.imaml_lambda, cg_steps=self.cg_steps)
+    # ------------------------------------------------------------------------------------ flat names
+    def to_flat(self) -> dict[str, Any]:
+        """``{flat name: value}`` for every field (the command-line flags' names)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in PARTS}
+        out.update({flat: getattr(getattr(self, part), name) for flat, (part, name) in FLAT_FIELDS.items()})
+        return out
 
-    def to_dict(self) -> dict:
+    @classmethod
+    def from_flat(cls, **values: Any) -> "TrainConfig":
+        """A config from flat names (``inner_steps=3``, ``prior_scale=0.1``, ``scheduler="ats"``, ...)."""
+        core = {f.name for f in fields(cls)} - set(PARTS)
+        unknown = set(values) - core - set(FLAT_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; the settings are {', '.join(sorted(core | set(FLAT_FIELDS)))}")
+        parts: dict[str, dict[str, Any]] = {name: {} for name in PARTS}
+        for key, value in values.items():
+            if key in FLAT_FIELDS:
+                part, name = FLAT_FIELDS[key]
+                parts[part][name] = value
+        return cls(**{k: v for k, v in values.items() if k in core},
+                   **{name: PARTS[name](**kw) for name, kw in parts.items()})
+
+    def with_flat(self, **values: Any) -> "TrainConfig":
+        """A copy with some fields changed, by flat name."""
+        return type(self).from_flat(**{**self.to_flat(), **values})
+
+    # ------------------------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain data (``config.json``)."""
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """A config from :meth:`to_dict`'s nested form, or from a flat ``config.json`` written by hbmeta 0.1."""
+        if any(isinstance(data.get(name), dict) for name in PARTS):
+            names = {f.name for f in fields(cls)}
+            unknown = set(data) - names
+            if unknown:
+                raise ValueError(f"unknown config keys {sorted(unknown)}")
+            for name, cls_ in PARTS.items():
+                extra = set(data.get(name, {})) - {f.name for f in fields(cls_)}
+                if extra:
+                    raise ValueError(f"unknown config keys {sorted(f'{name}.{k}' for k in extra)}")
+            return cls(**{k: (dict(v) if k in PARTS else v) for k, v in data.items()})
         if "inner_method" not in data:  # written before the Gauss-Newton update: every field had its SVI meaning
             data = {**data, "inner_method": "svi",
                     "max_prior_scale": 0.0 if data.get("max_prior_scale") is None else data["max_prior_scale"]}
-        return cls(**data)
+        return cls.from_flat(**data)

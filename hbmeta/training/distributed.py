@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from hbmeta.experiments.config import TrainConfig
 from hbmeta.training.runtime import resolve_device, torch_threads
 from hbmeta.experiments.registry import get_experiment
+from hbmeta.experiments.resolve import resolve_config
 from hbmeta.training.runtime import amp_autocast
 from hbmeta.training.runs import (
     CHECKPOINT,
@@ -166,11 +167,11 @@ def check_distributable(config: TrainConfig, world_size: int) -> None:
     if config.algorithm not in DISTRIBUTABLE:
         raise ValueError(f"--distributed supports {', '.join(DISTRIBUTABLE)}; {config.algorithm!r} draws noise outside "
                          f"the inner loop or couples the tasks, so its ranks would not reproduce the single run")
-    if config.private and config.algorithm not in PRIVATE:
+    if config.distributed.private and config.algorithm not in PRIVATE:
         raise ValueError(f"--private needs a meta-gradient computed from posterior parameters alone ({', '.join(PRIVATE)}); "
                          f"{config.algorithm!r}'s needs the task data or the inner loop's graph")
-    if getattr(config, "scheduler", "uniform") != "uniform":
-        raise ValueError(f"--distributed draws tasks uniformly; the {config.scheduler!r} task scheduler is not supported")
+    if config.scheduler.name != "uniform":
+        raise ValueError(f"--distributed draws tasks uniformly; the {config.scheduler.name!r} task scheduler is not supported")
     task_slice(config.meta_batch, 0, world_size)
 
 
@@ -315,6 +316,7 @@ def train_distributed(config: TrainConfig, run_dir: str | Path, resume: bool = F
     Every rank returns a :class:`~hbmeta.training.loop.TrainResult` with the same learner; ``result.rank`` tells rank 0
     (which wrote the files) from the others.
     """
+    config = resolve_config(config)
     ctx = init_distributed(config.device)
     try:
         with torch_threads(config.threads if ctx.device.type == "cpu" else None):
@@ -331,8 +333,8 @@ def _train(ctx: DistContext, config: TrainConfig, run_dir: Path, resume: bool, p
            stop_after: int | None) -> TrainResult:
     check_distributable(config, ctx.world_size)
     learner = build_learner(config, ctx.device)
-    if not config.private and _gem_is_monte_carlo(learner):
-        raise ValueError(f"the {config.prior!r} prior's GEM gradient is a Monte-Carlo estimate: under --distributed each "
+    if not config.distributed.private and _gem_is_monte_carlo(learner):
+        raise ValueError(f"the {config.model.prior!r} prior's GEM gradient is a Monte-Carlo estimate: under --distributed each "
                          f"rank would draw its own samples and the run would not reproduce the single-process one; use "
                          f"--private (rank 0 draws them for all tasks) or a prior with a closed form")
     tasks = get_experiment(config.experiment).make_tasks(config)
@@ -358,7 +360,7 @@ def _train(ctx: DistContext, config: TrainConfig, run_dir: Path, resume: bool, p
             noise = sliced_noise(noise_gen, config.meta_batch, mine, learner.prior.loc.dtype)
             try:
                 with amp_autocast(config.amp, ctx.device, config.algorithm):
-                    if config.private:
+                    if config.distributed.private:
                         info = private_meta_step(learner, ctx, batch, noise, noise_gen, config.meta_batch)
                     else:
                         info = distributed_meta_step(learner, batch, noise, noise_gen, config.meta_batch)

@@ -10,11 +10,11 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from hbmeta.experiments.config import TrainConfig
 from hbmeta.experiments.registry import get_experiment
+from hbmeta.experiments.resolve import resolve_config
 from hbmeta.training.runs import (TrainResult, build_learner, check_new_run, iteration_generators, open_run_dir,
                                   restore_run, save_run_checkpoint)
 from hbmeta.training.runtime import amp_autocast, resolve_device, torch_threads
@@ -27,16 +27,19 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
           stop_after: int | None = None) -> TrainResult:
     """Meta-train per ``config`` into ``run_dir`` (see :func:`_train`), with ``config.threads`` CPU threads.
 
-    Under torchrun (``config.distributed``, ``config.private`` or ``WORLD_SIZE > 1``) the tasks of each meta-batch
-    are split over the ranks: :func:`hbmeta.training.distributed.train_distributed`.
+    ``config``'s unset fields take their defaults (:func:`hbmeta.experiments.resolve_config`); the result's
+    ``config`` is the resolved one. Under torchrun (``config.distributed.enabled``, ``.private`` or
+    ``WORLD_SIZE > 1``) the tasks of each meta-batch are split over the ranks:
+    :func:`hbmeta.training.distributed.train_distributed`.
     """
     from hbmeta.training.distributed import train_distributed, world_size_from_env
 
+    config = resolve_config(config)
     if get_experiment(config.experiment).metric == "return":  # meta-RL: its own loop, same run folder (hbmeta.tasks.rl)
         from hbmeta.training.rl import train_rl
 
         return train_rl(config, run_dir, resume, progress, stop_after)
-    if config.distributed or config.private or world_size_from_env() > 1:
+    if config.distributed.enabled or config.distributed.private or world_size_from_env() > 1:
         return train_distributed(config, run_dir, resume, progress, stop_after)
     with torch_threads(config.threads if resolve_device(config.device).type == "cpu" else None):
         return _train(config, run_dir, resume, progress, stop_after)
@@ -74,9 +77,9 @@ def _train(config: TrainConfig, run_dir: str | Path, resume: bool, progress: boo
                 if scheduler is None:
                     info = learner.meta_step(tasks.sample(config.meta_batch, task_gen), noise_gen)
                 else:  # a pool of candidates, the scheduler picks meta_batch of them (docs/ats.md)
-                    info, pool = scheduled_meta_step(learner, scheduler, tasks, config.meta_batch, config.pool_size,
+                    info, pool = scheduled_meta_step(learner, scheduler, tasks, config.meta_batch, config.scheduler.pool_size,
                                                      it / max(config.iterations, 1), task_gen, noise_gen,
-                                                     update_meta_model=it >= config.scheduler_warmup)
+                                                     update_meta_model=it >= config.scheduler.warmup)
                     schedule_log.write(it + 1, info, pool)
             done = it + 1
             if done % config.log_every == 0 or done == end:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from hbmeta.training.runs import load_checkpoint
 from hbmeta.experiments.config import TrainConfig
+from hbmeta.experiments.resolve import resolve_config
 from hbmeta.training.runtime import torch_threads
 from hbmeta.tasks.rl.envs import make_task_distribution
 from hbmeta.tasks.rl.rollouts import collect_rollouts
@@ -36,17 +37,19 @@ __all__ = ["build_policy_learner", "load_policy_learner", "make_sampler", "train
 
 def build_policy_learner(config: TrainConfig) -> PolicyMetaLearner:
     """The policy (initialised from ``config.seed``) and meta-learner of an RL run."""
-    if config.guide != "meanfield" or getattr(config, "prior", "diagonal") != "diagonal":
+    config = resolve_config(config)
+    if config.model.guide != "meanfield" or config.model.prior != "diagonal":
         raise ValueError(f"meta-RL uses the diagonal Gaussian prior and the mean-field guide; got prior "
-                         f"{getattr(config, 'prior', 'diagonal')!r}, guide {config.guide!r}")
+                         f"{config.model.prior!r}, guide {config.model.guide!r}")
     env = make_task_distribution(config.experiment, 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         policy = GaussianMLPPolicy(env.obs_dim, env.act_dim)
-    return PolicyMetaLearner(policy, config.algorithm, inner_update=config.rl_inner, inner_lr=config.inner_lr,
-                             inner_steps=config.inner_steps, meta_lr=config.meta_lr, prior_scale=config.prior_scale,
-                             max_prior_scale=config.prior_scale_ceiling, max_kl=config.max_kl,
-                             num_samples=config.num_samples, gem_plus_mode=config.gem_plus_mode)
+    return PolicyMetaLearner(policy, config.algorithm, inner_update=config.rl.inner, inner_lr=config.inner.lr,
+                             inner_steps=config.inner.steps, meta_lr=config.meta_lr,
+                             prior_scale=config.model.prior_scale,
+                             max_prior_scale=config.model.prior_scale_ceiling, max_kl=config.rl.max_kl,
+                             num_samples=config.inner.num_samples, gem_plus_mode=config.inner.gem_plus_mode)
 
 
 def make_sampler(env, tasks: torch.Tensor, learner: PolicyMetaLearner, episodes: int, noise: torch.Generator,
@@ -75,13 +78,14 @@ def load_policy_learner(run_dir: str | Path) -> tuple[PolicyMetaLearner, TrainCo
 def train_rl(config: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
              stop_after: int | None = None) -> TrainResult:
     """Meta-train a policy per ``config`` into ``run_dir`` (same folder layout and resume rules as ``hbmeta.training.loop``)."""
+    config = resolve_config(config)
     with torch_threads(config.threads):
         return _train_rl(config, Path(run_dir), resume, progress, stop_after)
 
 
 def _train_rl(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, stop_after: int | None) -> TrainResult:
     learner = build_policy_learner(config)
-    env = make_task_distribution(config.experiment, config.horizon)
+    env = make_task_distribution(config.experiment, config.rl.horizon)
     if resume:
         start = restore_run(config, run_dir, learner)
     else:

@@ -27,6 +27,7 @@ import torch
 
 from hbmeta.experiments.config import TrainConfig
 from hbmeta.experiments.registry import get_experiment
+from hbmeta.experiments.resolve import resolve_config
 from hbmeta.inference.learner import MetaLearner
 from hbmeta.models.prior_factory import make_prior
 from hbmeta.training.runtime import resolve_device
@@ -113,6 +114,7 @@ class TrainResult:
 
 def build_learner(config: TrainConfig, device: torch.device | None = None) -> MetaLearner:
     """The network (initialised from ``config.seed``), prior, guide and meta-learner of a run."""
+    config = resolve_config(config)
     device = device or resolve_device(config.device)
     experiment = get_experiment(config.experiment)
     with torch.random.fork_rng(devices=[]):
@@ -120,12 +122,13 @@ def build_learner(config: TrainConfig, device: torch.device | None = None) -> Me
         net = experiment.make_net(config)
     net.to(device)
     prior = None  # "diagonal": MetaLearner's default prior (and BMAML's particles)
-    if config.prior != "diagonal":
-        prior = make_prior(config.prior, net, config.prior_scale, config.prior_components, config.prior_scale_ceiling,
-                           seed=config.seed)
-    return MetaLearner(net, experiment.make_likelihood(config), algorithm=config.algorithm, guide=config.guide,
-                       inner=config.inner(), meta_lr=config.meta_lr, gem_plus_mode=config.gem_plus_mode,
-                       prior_scale=config.prior_scale, max_prior_scale=config.prior_scale_ceiling, prior=prior)
+    if config.model.prior != "diagonal":
+        prior = make_prior(config.model.prior, net, config.model.prior_scale, config.model.prior_components,
+                           config.model.prior_scale_ceiling, seed=config.seed)
+    return MetaLearner(net, experiment.make_likelihood(config), algorithm=config.algorithm, guide=config.model.guide,
+                       inner=config.inner_config(), meta_lr=config.meta_lr, gem_plus_mode=config.inner.gem_plus_mode,
+                       prior_scale=config.model.prior_scale, max_prior_scale=config.model.prior_scale_ceiling,
+                       prior=prior)
 
 
 def load_learner(run_dir: str | Path, device: str = "auto") -> tuple[MetaLearner, TrainConfig, int]:
@@ -146,9 +149,9 @@ def save_run_checkpoint(learner: MetaLearner, config: TrainConfig, iteration: in
 
 def restore_run(config: TrainConfig, run_dir: Path, learner: MetaLearner, scheduler=None) -> int:
     state = load_checkpoint(run_dir / CHECKPOINT, map_location=learner.device)
-    saved = state["config"]
-    saved = TrainConfig.from_dict(saved).to_dict()  # a checkpoint from before a field existed has its default
-    changed = {k for k, v in config.to_dict().items() if saved.get(k) != v} - RESUMABLE_CHANGES
+    # by flat name: a checkpoint from before a field existed has its default, one from before the parts is flat
+    saved = TrainConfig.from_dict(state["config"]).to_flat()
+    changed = {k for k, v in config.to_flat().items() if saved.get(k) != v} - RESUMABLE_CHANGES
     if changed:
         raise ValueError(f"cannot resume {run_dir}: the config differs from the checkpoint's in {sorted(changed)}")
     learner.load_state_dict(state["learner"])
@@ -166,7 +169,7 @@ def check_new_run(run_dir: Path) -> None:
 def open_run_dir(config: TrainConfig, run_dir: Path, resume: bool, start: int) -> Path:
     """Create the run folder, write ``config.json``, trim ``metrics.jsonl`` to ``start`` on resume; its path."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2))
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
         trim_log(metrics_path, start)

@@ -1,6 +1,6 @@
 """The task scheduler inside a meta-training run: building it from a config, its per-iteration log and plot.
 
-``hbmeta.training.loop`` calls these when ``config.scheduler`` is not ``"uniform"`` (a uniform run is unchanged:
+``hbmeta.training.loop`` calls these when ``config.scheduler.name`` is not ``"uniform"`` (a uniform run is unchanged:
 no pool, the same random streams as before). The log ``scheduler.jsonl`` holds one line per iteration with
 the pool's sampling weights, the chosen indices, each candidate's label-noise level (noisy tasks) and its
 features; :func:`plot_scheduler_weights` draws ``plots/scheduler_weights.png`` from it.
@@ -29,14 +29,14 @@ VALIDATION_TASKS = 8
 def build_scheduler(config: TrainConfig, tasks) -> TaskScheduler | None:
     """The run's scheduler (``None`` for uniform). ATS's validation tasks come from the experiment's
     ``make_val_tasks`` (drug: the FS-Mol valid fold) or else the clean training tasks, drawn once (seeded)."""
-    if config.scheduler == "uniform":
+    if config.scheduler.name == "uniform":
         return None
-    if config.scheduler == "greedy":
-        return GreedyLossScheduler(config.temperature)
+    if config.scheduler.name == "greedy":
+        return GreedyLossScheduler(config.scheduler.temperature)
     experiment = get_experiment(config.experiment)
     source = experiment.make_val_tasks(config) if experiment.make_val_tasks else clean_tasks(tasks)
     validation = source.sample(VALIDATION_TASKS, torch.Generator().manual_seed(config.seed + 7919))
-    return AdaptiveTaskScheduler(validation, config.temperature, config.scheduler_lr, seed=config.seed)
+    return AdaptiveTaskScheduler(validation, config.scheduler.temperature, config.scheduler.lr, seed=config.seed)
 
 
 class SchedulerLog:

@@ -45,12 +45,12 @@ def test_multimodal_tasks_are_reproducible_and_noisy_as_asked():
 
 def test_multimodal_experiment_trains_a_mixture_prior_from_the_command_line_config(tmp_path):
     assert get_experiment("multimodal").metric == "mse"
-    config = TrainConfig(experiment="multimodal", prior="mixture", prior_components=3, iterations=3, meta_batch=4,
-                         inner_steps=2, device="cpu", checkpoint_every=3)
+    config = TrainConfig.from_flat(experiment="multimodal", prior="mixture", prior_components=3, iterations=3,
+                                   meta_batch=4, inner_steps=2, device="cpu", checkpoint_every=3)
     result = train(config, tmp_path / "run", progress=False)
     prior = result.learner.prior
     assert isinstance(prior, MixtureGaussianPrior) and prior.mu.shape == (3, 1761)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["prior"] == "mixture" and saved["prior_components"] == 3
+    assert saved["model"]["prior"] == "mixture" and saved["model"]["prior_components"] == 3
     assert (tmp_path / "run" / "checkpoint.pt").exists()
     assert torch.isfinite(prior.mu).all() and not torch.equal(prior.mu[0], prior.mu[1])

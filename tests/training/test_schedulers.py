@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from hbmeta.experiments.config import TrainConfig
+from hbmeta.experiments import make_config
 from hbmeta.tasks.fewshot import FewShotTasks
 from hbmeta.tasks.noisy import (
     NoisyBatch,
@@ -233,24 +233,24 @@ def test_config_and_cli_accept_scheduler_options_and_reject_bad_ones():
                                       "0.6", "--class-budget", "40", "--temperature", "0.5", "--meta-batch", "4",
                                       "--out", "x"])
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume", "no_progress", "eval_tasks")}
-    config = TrainConfig(**fields)
-    assert (config.scheduler, config.pool_size, config.label_noise, config.class_budget, config.temperature) == (
+    config = make_config(**fields)
+    assert (config.scheduler.name, config.scheduler.pool_size, config.label_noise, config.class_budget, config.scheduler.temperature) == (
         "ats", 12, 0.6, 40, 0.5)
-    noisy = TrainConfig("omniglot", scheduler="ats", meta_batch=4, label_noise=0.2)
-    assert noisy.pool_size == 8 and noisy.temperature == 0.1  # ATS's noisy-task temperature
-    assert TrainConfig("omniglot", scheduler="ats", meta_batch=4).temperature == 1.0
-    assert TrainConfig("sinusoid").pool_size is None  # uniform: no pool
+    noisy = make_config(experiment="omniglot", scheduler="ats", meta_batch=4, label_noise=0.2)
+    assert noisy.scheduler.pool_size == 8 and noisy.scheduler.temperature == 0.1  # ATS's noisy-task temperature
+    assert make_config(experiment="omniglot", scheduler="ats", meta_batch=4).scheduler.temperature == 1.0
+    assert make_config(experiment="sinusoid").scheduler.pool_size is None  # uniform: no pool
     for bad, match in (({"scheduler": "bandit"}, "unknown scheduler"), ({"label_noise": 1.5}, "label_noise"),
                        ({"scheduler": "ats", "pool_size": 2}, "pool_size"),
                        ({"scheduler": "ats", "temperature": -1.0}, "temperature"),
                        ({"scheduler": "ats", "distributed": True}, "single-process")):
         with pytest.raises(ValueError, match=match):
-            TrainConfig("sinusoid", meta_batch=4, **bad)
+            make_config(experiment="sinusoid", meta_batch=4, **bad)
 
 
 def test_ats_run_resumes_to_exactly_the_uninterrupted_parameters(tmp_path):
-    config = TrainConfig("sinusoid", algorithm="maml", iterations=6, meta_batch=3, scheduler="ats", pool_size=6,
-                         inner_steps=1, device="cpu", checkpoint_every=100, log_every=1)
+    config = make_config(experiment="sinusoid", algorithm="maml", iterations=6, meta_batch=3, scheduler="ats",
+                         pool_size=6, inner_steps=1, device="cpu", checkpoint_every=100, log_every=1)
     whole = train(config, tmp_path / "whole", progress=False)
     train(config, tmp_path / "split", progress=False, stop_after=4)
     resumed = train(config, tmp_path / "split", resume=True, progress=False)

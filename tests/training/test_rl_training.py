@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hbmeta.cli import main
-from hbmeta.experiments.config import TrainConfig
+from hbmeta.experiments import TrainConfig, make_config, resolve_config
 from hbmeta.tasks.rl.envs import Nav2DTasks
 from hbmeta.evaluation.rl import evaluate_policy
 from hbmeta.evaluation.rl_report import load_evaluations, plot_returns, plot_training, returns_table
@@ -19,7 +19,7 @@ from hbmeta.models.policy import GaussianMLPPolicy
 def _config(algorithm="gem-bml+", **kw) -> TrainConfig:
     base = {"experiment": "nav2d", "algorithm": algorithm, "iterations": 4, "meta_batch": 3, "k_shot": 3, "horizon": 10,
             "log_every": 1, "checkpoint_every": 2, "seed": 0}
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.from_flat(**{**base, **kw})
 
 
 def test_short_nav2d_meta_training_improves_post_adaptation_return_over_the_initial_policy(tmp_path):
@@ -43,7 +43,7 @@ def test_resumed_rl_run_ends_where_an_uninterrupted_run_ends(tmp_path):
     for name, value in whole.learner.prior.state_dict().items():
         assert torch.equal(value, resumed.learner.prior.state_dict()[name]), name
     learner, loaded_config, iteration = load_policy_learner(tmp_path / "part")
-    assert iteration == 4 and loaded_config == config
+    assert iteration == 4 and loaded_config == resolve_config(config) == whole.config
     assert torch.equal(learner.prior.mu, whole.learner.prior.mu)
     with pytest.raises(FileExistsError):
         train_rl(config, tmp_path / "whole", progress=False)
@@ -62,8 +62,8 @@ def test_every_rl_algorithm_moves_the_prior_mean(tmp_path, algorithm, inner):
 
 def test_halfcheetah_meta_step_and_evaluation_run_on_a_few_hundred_steps(tmp_path):
     pytest.importorskip("gymnasium", reason="HalfCheetah needs the rl extra (gymnasium[mujoco])")
-    config = TrainConfig(experiment="cheetah-vel", algorithm="gem-bml+", iterations=1, meta_batch=2, k_shot=2,
-                         horizon=25, seed=0)           # 2 rollouts x (2 tasks x 2 episodes x 25 steps) = 200 steps
+    config = TrainConfig.from_flat(experiment="cheetah-vel", algorithm="gem-bml+", iterations=1, meta_batch=2,
+                                   k_shot=2, horizon=25, seed=0)           # 2 rollouts x (2 tasks x 2 episodes x 25 steps) = 200 steps
     result = train_rl(config, tmp_path / "cheetah", progress=False)
     assert result.learner.prior.mu.shape == (GaussianMLPPolicy(17, 6).log_std.numel()
                                              + sum(p.numel() for p in GaussianMLPPolicy(17, 6).mean_net.parameters()),)
@@ -76,7 +76,7 @@ def test_halfcheetah_meta_step_and_evaluation_run_on_a_few_hundred_steps(tmp_pat
 
 def test_rl_rejects_unsupported_algorithms_and_settings():
     with pytest.raises(ValueError, match="not available for RL"):
-        TrainConfig(experiment="nav2d", algorithm="abml")
+        make_config(experiment="nav2d", algorithm="abml")
     with pytest.raises(ValueError, match="not available for RL"):
         PolicyMetaLearner(GaussianMLPPolicy(2, 2), algorithm="imaml")
     with pytest.raises(ValueError, match="inner update"):

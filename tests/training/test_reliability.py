@@ -25,7 +25,7 @@ def _prior_params(learner):
 
 @pytest.mark.parametrize("algorithm", ["gem-bml+", "maml"])
 def test_resume_reaches_same_parameters_as_uninterrupted_run(tmp_path, algorithm):
-    config = TrainConfig(algorithm=algorithm, **TINY)
+    config = TrainConfig.from_flat(algorithm=algorithm, **TINY)
     straight = train(config, tmp_path / "straight", progress=False)
     train(config, tmp_path / "resumed", progress=False, stop_after=3)  # "crash" after 3 iterations
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["iteration"] == 3
@@ -58,11 +58,11 @@ def test_missing_and_corrupt_checkpoints_raise_clear_errors(tmp_path):
 
 
 def test_resume_refuses_a_different_config(tmp_path):
-    train(TrainConfig(**TINY), tmp_path, progress=False)
+    train(TrainConfig.from_flat(**TINY), tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"differs .*meta_lr"):
-        train(TrainConfig(**{**TINY, "meta_lr": 0.5}), tmp_path, resume=True, progress=False)
+        train(TrainConfig.from_flat(**{**TINY, "meta_lr": 0.5}), tmp_path, resume=True, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
-        train(TrainConfig(**TINY), tmp_path, progress=False)
+        train(TrainConfig.from_flat(**TINY), tmp_path, progress=False)
 
 
 def _batch(**changes):
@@ -125,7 +125,7 @@ def test_cli_demo_smoke_with_tiny_budget(tmp_path, capsys):
 
 
 def test_load_learner_restores_the_trained_prior(tmp_path):
-    run = train(TrainConfig(**TINY), tmp_path, progress=False)
+    run = train(TrainConfig.from_flat(**TINY), tmp_path, progress=False)
     learner, config, iteration = load_learner(tmp_path, "cpu")
     assert iteration == 6 and config.algorithm == "gem-bml+"
     torch.testing.assert_close(learner.prior.mu, run.learner.prior.mu)
@@ -136,3 +136,10 @@ def test_cli_reports_a_diverging_inner_loop_with_task_and_step(tmp_path, capsys)
                "--inner-lr", "1e12", "--inner-method", "svi", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "inner loop diverged" in err and "task(s)" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when no GPU is present")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"

@@ -18,7 +18,7 @@ from hbmeta.models import CategoricalLikelihood, DiagonalGaussianPrior, Gaussian
 from hbmeta.models.guides import FullCovarianceGuide
 from hbmeta.models.linear import exact_log_marginal, exact_posterior, linear_network
 from hbmeta.models.posterior import Posterior
-from tests.test_oracle import problem
+from tests.inference.test_oracle import problem
 
 D = torch.float64
 

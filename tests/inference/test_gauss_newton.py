@@ -21,8 +21,8 @@ from hbmeta.models.conv import Conv4
 from hbmeta.models.functional import BatchedNet, mlp
 from hbmeta.models.guides import DeltaGuide, FullCovarianceGuide, LowRankGuide
 from hbmeta.models.jacobian import mlp_jacobian, output_jacobian, vjp_jacobian
-from hbmeta.models.linear import exact_log_marginal, exact_posterior, linear_network
-from tests.test_oracle import assert_rel_close_per_task, autograd_gradients, model_for, problem
+from hbmeta.models.linear import exact_log_marginal, exact_posterior
+from tests.inference.test_oracle import assert_rel_close_per_task, autograd_gradients, model_for, problem
 
 D = torch.float64
 GN = InnerConfig(method="gauss-newton", steps=1)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hbmeta.cli import main
-from hbmeta.experiments.config import TrainConfig
+from hbmeta.experiments import TrainConfig, make_config, resolve_config
 from hbmeta.tasks.data import default_data_root
 from hbmeta.evaluation.meta_test import evaluate_classification
 from hbmeta.experiments.registry import get_experiment
@@ -20,23 +20,23 @@ needs_omniglot = pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot npz file
 
 def test_paper_defaults_for_omniglot():
     """Appendix C.4.2: 1-shot -> 1 inner step, meta-batch 32; 5-shot -> 5 steps (GEM: 1, see README), 16; Adam for GEM."""
-    one = TrainConfig(experiment="omniglot", algorithm="gem-bml+")
-    assert (one.k_shot, one.meta_batch, one.inner_steps, one.inner_optimizer) == (1, 32, 1, "adam")
-    assert one.inner_lr * one.prior_scale == pytest.approx(0.01)  # the paper's 0.01, in the whitened units
-    five = TrainConfig(experiment="omniglot", algorithm="gem-bml+", k_shot=5)
-    assert (five.meta_batch, five.inner_steps, five.test_steps) == (16, 1, 1)  # measured: 5 Adam steps fail
-    assert TrainConfig(experiment="omniglot", algorithm="maml", k_shot=5).inner_steps == 5  # C.4.2 for MAML
-    maml = TrainConfig(experiment="omniglot", algorithm="maml")
-    assert (maml.inner_optimizer, maml.inner_lr) == ("sgd", 0.4)
-    assert TrainConfig(experiment="omniglot", meta_batch=3, inner_steps=2).meta_batch == 3  # explicit wins
-    sinusoid = TrainConfig()
+    one = make_config(experiment="omniglot", algorithm="gem-bml+")
+    assert (one.k_shot, one.meta_batch, one.inner.steps, one.inner.optimizer) == (1, 32, 1, "adam")
+    assert one.inner.lr * one.model.prior_scale == pytest.approx(0.01)  # the paper's 0.01, in the whitened units
+    five = make_config(experiment="omniglot", algorithm="gem-bml+", k_shot=5)
+    assert (five.meta_batch, five.inner.steps, five.inner.test_steps) == (16, 1, 1)  # measured: 5 Adam steps fail
+    assert make_config(experiment="omniglot", algorithm="maml", k_shot=5).inner.steps == 5  # C.4.2 for MAML
+    maml = make_config(experiment="omniglot", algorithm="maml")
+    assert (maml.inner.optimizer, maml.inner.lr) == ("sgd", 0.4)
+    assert make_config(experiment="omniglot", meta_batch=3, inner_steps=2).meta_batch == 3  # explicit wins
+    sinusoid = resolve_config(TrainConfig())
     assert (sinusoid.meta_batch, sinusoid.k_shot, sinusoid.k_query) == (25, 10, 10)
 
 
 def _tiny(algorithm: str, **kw) -> TrainConfig:
     base = dict(experiment="omniglot", algorithm=algorithm, iterations=40, meta_batch=8, k_query=5, seed=0,
                 device="cpu", checkpoint_every=40, log_every=10)
-    return TrainConfig(**{**base, **kw})
+    return make_config(**{**base, **kw})
 
 
 @needs_omniglot
@@ -46,11 +46,11 @@ def test_short_omniglot_run_beats_chance_and_the_untrained_net(tmp_path, algorit
     number of inner steps, and better than the same network before meta-training."""
     config = _tiny(algorithm)
     tasks = get_experiment("omniglot").test_tasks(config)
-    steps = (0, config.test_steps)
+    steps = (0, config.inner.test_steps)
     before = evaluate_classification(build_learner(config), tasks, steps=steps, num_tasks=40, num_samples=4)
     run = train(config, tmp_path, progress=False)
     after = evaluate_classification(run.learner, tasks, steps=steps, num_tasks=40, num_samples=4)
-    k = config.test_steps
+    k = config.inner.test_steps
     assert after[0]["accuracy"] < 0.3  # before adaptation the labels are arbitrary
     assert after[k]["accuracy"] > 0.4, after
     assert after[k]["accuracy"] > before[k]["accuracy"] + 0.05, (before, after)

@@ -5,9 +5,7 @@ Each estimator is checked to be unbiased (its mean equals plain reparameterisati
 a fixed net) and to have lower variance (the measured ratio is asserted below 1).
 """
 
-import math
 
-import pytest
 import torch
 
 import hbmeta.inference.inner as inner

@@ -31,15 +31,15 @@ from hbmeta.training.loop import train
 from hbmeta.training.runs import build_learner
 from hbmeta.models.posterior import Posterior
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUM_PARAMS = 1761  # the 2 x 40 sinusoid MLP
 ITERATIONS = 4
 META_BATCH = 5  # split 3 + 2 over two ranks: the uneven case
 
 
 def run_config(algorithm: str, **changes) -> TrainConfig:
-    return TrainConfig(experiment="sinusoid", algorithm=algorithm, iterations=ITERATIONS, meta_batch=META_BATCH,
-                       device="cpu", checkpoint_every=1, **changes)
+    return TrainConfig.from_flat(experiment="sinusoid", algorithm=algorithm, iterations=ITERATIONS,
+                                 meta_batch=META_BATCH, device="cpu", checkpoint_every=1, **changes)
 
 
 @pytest.fixture(scope="module")
