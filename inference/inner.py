@@ -36,8 +36,8 @@ from torch import Tensor
 from hbmeta.inference.errors import InnerLoopDivergedError
 from hbmeta.inference.gauss_newton import gauss_newton_fit
 from hbmeta.models.guides import Guide
-from hbmeta.models.local_reparam import local_forward, supports_local_noise
 from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.local_reparam import local_forward, supports_local_noise
 from hbmeta.models.posterior import Posterior
 
 __all__ = ["InnerConfig", "InnerLoopDivergedError", "INNER_METHODS", "fit_posterior", "negative_elbo", "make_optimizer",

@@ -25,20 +25,20 @@ from torch import Tensor, nn
 
 # The built-in algorithms register themselves on import, in the registry's order (gem-bml, gem-bml+, abml, maml,
 # fomaml, reptile, pretrain, imaml, bmaml; hbmeta.inference.__init__ imports them first, in this order).
-import hbmeta.inference.gem  # noqa: F401  (registers gem-bml, gem-bml+)
-import hbmeta.inference.elbo_gradient  # noqa: F401  (abml)
-import hbmeta.inference.maml  # noqa: F401  (maml, fomaml)
-import hbmeta.inference.reptile  # noqa: F401  (reptile, pretrain)
-import hbmeta.inference.imaml  # noqa: F401  (imaml)
-import hbmeta.inference.bmaml  # noqa: F401  (bmaml)
 from hbmeta.inference.algorithm import ALGORITHMS, Algorithm, PriorDefaults, get_algorithm, register_algorithm
 from hbmeta.inference.batch import TaskBatch, check_task_data
+import hbmeta.inference.bmaml  # noqa: F401  (bmaml)
+import hbmeta.inference.elbo_gradient  # noqa: F401  (abml)
+import hbmeta.inference.gem  # noqa: F401  (registers gem-bml, gem-bml+)
 from hbmeta.inference.gem import GEM_PLUS_MODES, LIKELIHOOD_PREFIX
+import hbmeta.inference.imaml  # noqa: F401  (imaml)
 from hbmeta.inference.inner import InnerConfig, make_optimizer
+import hbmeta.inference.maml  # noqa: F401  (maml, fomaml)
+import hbmeta.inference.reptile  # noqa: F401  (reptile, pretrain)
 from hbmeta.models.functional import BatchedNet
-from hbmeta.models.jacobian import output_jacobian
 from hbmeta.models.guides import Guide, make_guide
 from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.jacobian import output_jacobian
 from hbmeta.models.likelihoods import GaussianLikelihood, Likelihood
 from hbmeta.models.posterior import Posterior
 from hbmeta.models.prior_factory import make_prior

@@ -114,10 +114,9 @@ def _evaluate(learner, train_config: TrainConfig, metric: str, num_tasks: int) -
 
 def run_one(config: AccuracyBenchConfig, benchmark: str, algorithm: str, seed: int) -> dict:
     """Train (or resume, or reuse) one run and return its result (also written to ``result.json``)."""
-    from hbmeta.training.runs import atomic_write_text
     from hbmeta.experiments.registry import get_experiment
     from hbmeta.training.loop import train
-    from hbmeta.training.runs import CHECKPOINT
+    from hbmeta.training.runs import CHECKPOINT, atomic_write_text
 
     folder = run_dir(config, benchmark, algorithm, seed)
     train_config = config.run_config(benchmark, algorithm, seed)

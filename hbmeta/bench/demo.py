@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from hbmeta.experiments import TrainConfig, resolve_config
 from hbmeta.evaluation.meta_test import evaluate_regression
-from hbmeta.experiments.registry import get_experiment
 from hbmeta.evaluation.plots import plot_sinusoid_predictive
+from hbmeta.experiments import TrainConfig, resolve_config
+from hbmeta.experiments.registry import get_experiment
 from hbmeta.training.loop import train
 
 __all__ = ["run_demo", "format_comparison"]

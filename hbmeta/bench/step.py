@@ -38,12 +38,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from hbmeta.tasks.sinusoid import SinusoidTasks
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.inner import InnerConfig
 from hbmeta.inference.learner import MetaLearner, default_inner
 from hbmeta.models.functional import mlp
 from hbmeta.models.likelihoods import GaussianLikelihood
+from hbmeta.tasks.sinusoid import SinusoidTasks
 
 __all__ = ["StepBenchConfig", "TorchGemPlus", "peak_saved_bytes", "run_step_benchmark", "format_step_table",
            "write_step_benchmark", "LOWER_BOUND", "PYRO_TRACED", "SVI"]

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from hbmeta.experiments import TrainConfig, resolve_config
+from hbmeta.inference.batch import TaskBatch
 from hbmeta.training.runtime import resolve_device, torch_threads
 from hbmeta.training.runtime import amp_autocast, check_amp
-from hbmeta.inference.batch import TaskBatch
 
 __all__ = [
     "WORKLOADS",

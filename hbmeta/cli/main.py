@@ -21,9 +21,10 @@ __all__ = ["main", "build_parser"]
 
 
 def _add_train(sub) -> None:
-    from hbmeta.experiments.config import TrainConfig
-    from hbmeta.experiments.registry import EXPERIMENTS
-    from hbmeta.inference.learner import ALGORITHMS
+    from hbmeta.experiments import EXPERIMENTS, TrainConfig
+    from hbmeta.experiments.config import SCHEDULERS
+    from hbmeta.inference import ALGORITHMS
+    from hbmeta.models import PRIORS
 
     d = TrainConfig()
     p = sub.add_parser("train", help="meta-train an algorithm on an experiment")
@@ -65,7 +66,7 @@ def _add_train(sub) -> None:
     p.add_argument("--inner-method", default=None, choices=["gauss-newton", "svi"],
                    help="Bayesian inner update; default gauss-newton for gem-bml(+) with the diagonal prior")
     p.add_argument("--guide", default=d.model.guide, help="meanfield, delta, fullcov or lowrank")
-    p.add_argument("--prior", default=d.model.prior, choices=["diagonal", "lowrank", "mixture", "laplace", "studentt"],
+    p.add_argument("--prior", default=d.model.prior, choices=list(PRIORS),
                    help="prior over the weights (docs/priors-and-guides.md)")
     p.add_argument("--prior-components", type=int, default=d.model.prior_components,
                    help="mixture components K, or the rank of the low-rank prior")
@@ -90,7 +91,7 @@ def _add_train(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--eval-tasks", type=int, default=None,
                    help="new tasks for the evaluation after training (default: 100 regression, 600 classification)")
-    p.add_argument("--scheduler", default=d.scheduler.name, choices=["uniform", "greedy", "ats"],
+    p.add_argument("--scheduler", default=d.scheduler.name, choices=list(SCHEDULERS),
                    help="task scheduler: uniform (default), greedy (hardest first) or ats (learned; docs/ats.md)")
     p.add_argument("--pool-size", type=int, default=None, help="candidate tasks per iteration (default 2 x meta-batch)")
     p.add_argument("--temperature", type=float, default=None, help="scheduler softmax temperature (default 0.1 "
@@ -214,8 +215,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from hbmeta.evaluation.meta_test import evaluate_experiment
     from hbmeta.cli.rl import evaluate_command, is_rl_run
+    from hbmeta.evaluation.meta_test import evaluate_experiment
     from hbmeta.training.runs import load_learner
 
     if is_rl_run(args.run):  # meta-RL: average return after 0..steps adaptation steps

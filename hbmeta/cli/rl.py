@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hbmeta.training.runs import load_checkpoint
 from hbmeta.experiments.rl import RL_EXPERIMENTS
+from hbmeta.training.runs import load_checkpoint
 
 __all__ = ["evaluate_command", "is_rl_run", "train_command"]
 

@@ -45,8 +45,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from hbmeta.evaluation.stats import mean_ci95  # noqa: E402
 from hbmeta.evaluation.plots import save_figure  # noqa: E402
+from hbmeta.evaluation.stats import mean_ci95  # noqa: E402
 from hbmeta.inference.learner import MetaLearner  # noqa: E402
 from hbmeta.models.posterior import Posterior  # noqa: E402
 

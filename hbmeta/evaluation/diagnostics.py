@@ -457,9 +457,9 @@ def diagnose_run(run_dir: str | Path, out_dir: str | Path | None = None, num_tas
     checkpoint file; ``out_dir`` defaults to ``diagnostics/`` beside the checkpoint. ``diagnostics.json`` also
     records ``run``, ``experiment``, ``iteration`` and ``task_seed``. This is ``hbmeta diagnose RUN_DIR``.
     """
-    from hbmeta.training.runtime import resolve_device, torch_threads
     from hbmeta.experiments.registry import get_experiment
     from hbmeta.training.runs import load_learner
+    from hbmeta.training.runtime import resolve_device, torch_threads
 
     learner, config, iteration = load_learner(run_dir, device)
     base = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent

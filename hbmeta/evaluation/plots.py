@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from hbmeta.tasks.sinusoid import SinusoidBatch  # noqa: E402
 from hbmeta.inference.learner import MetaLearner  # noqa: E402
+from hbmeta.tasks.sinusoid import SinusoidBatch  # noqa: E402
 
 __all__ = ["plot_sinusoid_predictive", "save_figure"]
 

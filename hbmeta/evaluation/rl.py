@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from hbmeta.evaluation.stats import mean_ci95
-from hbmeta.tasks.rl.rollouts import collect_rollouts
 from hbmeta.inference.rl_learner import PolicyMetaLearner
+from hbmeta.tasks.rl.rollouts import collect_rollouts
 
 __all__ = ["evaluate_policy", "evaluate_rl_run", "format_returns"]
 

@@ -221,8 +221,8 @@ def _rl_tasks(name: str) -> Callable[[TrainConfig], Any]:
 
 def _rl_policy(name: str) -> Callable[[TrainConfig], nn.Module]:
     def make(config: TrainConfig) -> nn.Module:
-        from hbmeta.tasks.rl.envs import make_task_distribution
         from hbmeta.models.policy import GaussianMLPPolicy
+        from hbmeta.tasks.rl.envs import make_task_distribution
 
         env = make_task_distribution(name, 1)
         return GaussianMLPPolicy(env.obs_dim, env.act_dim)

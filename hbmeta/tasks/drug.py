@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hbmeta.tasks.data.drug import DrugAssays, load_drug_assays
 from hbmeta.inference.batch import TaskBatch
+from hbmeta.tasks.data.drug import DrugAssays, load_drug_assays
 
 __all__ = ["DrugTasks", "drug_net", "squared_correlation"]
 

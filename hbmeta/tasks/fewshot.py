@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hbmeta.tasks.data import load_miniimagenet, load_omniglot, omniglot_classes
 from hbmeta.inference.batch import TaskBatch
+from hbmeta.tasks.data import load_miniimagenet, load_omniglot, omniglot_classes
 
 __all__ = ["FewShotBatch", "FewShotTasks", "miniimagenet_tasks", "omniglot_tasks"]
 

@@ -47,10 +47,13 @@ from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 from tqdm.auto import tqdm
 
 from hbmeta.experiments.config import TrainConfig
-from hbmeta.training.runtime import resolve_device, torch_threads
 from hbmeta.experiments.registry import get_experiment
 from hbmeta.experiments.resolve import resolve_config
-from hbmeta.training.runtime import amp_autocast
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.gem import gem_bml_gradient, gem_gradient, gem_plus_posteriors
+from hbmeta.inference.inner import NoiseFn
+from hbmeta.inference.learner import MetaLearner
+from hbmeta.models.posterior import Posterior
 from hbmeta.training.runs import (
     CHECKPOINT,
     TrainResult,
@@ -61,11 +64,8 @@ from hbmeta.training.runs import (
     iteration_generators,
     open_run_dir,
 )
-from hbmeta.inference.batch import TaskBatch
-from hbmeta.inference.gem import gem_bml_gradient, gem_gradient, gem_plus_posteriors
-from hbmeta.inference.inner import NoiseFn
-from hbmeta.inference.learner import MetaLearner
-from hbmeta.models.posterior import Posterior
+from hbmeta.training.runtime import resolve_device, torch_threads
+from hbmeta.training.runtime import amp_autocast
 
 __all__ = [
     "DISTRIBUTABLE",

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hbmeta.training.runs import load_checkpoint
 from hbmeta.experiments.config import TrainConfig
 from hbmeta.experiments.resolve import resolve_config
-from hbmeta.training.runtime import torch_threads
+from hbmeta.inference.rl_learner import PolicyMetaLearner, SampleFn
+from hbmeta.models.policy import GaussianMLPPolicy
 from hbmeta.tasks.rl.envs import make_task_distribution
 from hbmeta.tasks.rl.rollouts import collect_rollouts
+from hbmeta.training.runs import load_checkpoint
 from hbmeta.training.runs import (
     CHECKPOINT,
     TrainResult,
@@ -29,8 +30,7 @@ from hbmeta.training.runs import (
     iteration_generators,
     open_run_dir,
 )
-from hbmeta.inference.rl_learner import PolicyMetaLearner, SampleFn
-from hbmeta.models.policy import GaussianMLPPolicy
+from hbmeta.training.runtime import torch_threads
 
 __all__ = ["build_policy_learner", "load_policy_learner", "make_sampler", "train_rl"]
 

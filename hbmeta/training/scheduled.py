@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from hbmeta.training.runs import trim_log
 from hbmeta.experiments.config import TrainConfig
 from hbmeta.experiments.registry import get_experiment
 from hbmeta.tasks.noisy import clean_tasks
+from hbmeta.training.runs import trim_log
 from hbmeta.training.schedulers import AdaptiveTaskScheduler, GreedyLossScheduler, TaskScheduler
 
 __all__ = ["SCHEDULER_LOG", "VALIDATION_TASKS", "SchedulerLog", "build_scheduler", "plot_scheduler_weights"]

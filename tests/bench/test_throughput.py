@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from hbmeta.cli import main
 from hbmeta.bench.throughput import (
     ThroughputConfig,
     format_throughput_table,
     run_throughput_benchmark,
 )
+from hbmeta.cli import main
 
 
 @pytest.fixture(scope="module")

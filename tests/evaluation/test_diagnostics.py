@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from hbmeta.experiments.config import TrainConfig
 from hbmeta.evaluation.calibration import gaussian_mixture_pit, ks_uniform, pit_uniformity
 from hbmeta.evaluation.diagnostics import diagnose, diagnose_run, diagnostic_plots, posterior_to_arviz, weight_indices
-from hbmeta.tasks.sinusoid import SinusoidTasks
-from hbmeta.training.loop import train
+from hbmeta.experiments.config import TrainConfig
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.learner import MetaLearner
 from hbmeta.models import CategoricalLikelihood, GaussianLikelihood, mlp
+from hbmeta.tasks.sinusoid import SinusoidTasks
+from hbmeta.training.loop import train
 
 
 

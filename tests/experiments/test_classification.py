@@ -7,10 +7,10 @@ import json
 import pytest
 
 from hbmeta.cli import main
-from hbmeta.experiments import TrainConfig, make_config, resolve_config
-from hbmeta.tasks.data import default_data_root
 from hbmeta.evaluation.meta_test import evaluate_classification
+from hbmeta.experiments import TrainConfig, make_config, resolve_config
 from hbmeta.experiments.registry import get_experiment
+from hbmeta.tasks.data import default_data_root
 from hbmeta.training.loop import train
 from hbmeta.training.runs import build_learner, load_learner
 
@@ -94,10 +94,10 @@ def test_gauss_newton_adaptation_does_not_collapse_with_more_steps_than_trained(
     import torch
     from torch import nn
 
-    from hbmeta.tasks.fewshot import omniglot_tasks
     from hbmeta.inference.inner import InnerConfig
     from hbmeta.inference.learner import MetaLearner
     from hbmeta.models.likelihoods import CategoricalLikelihood
+    from hbmeta.tasks.fewshot import omniglot_tasks
 
     class Flatten(nn.Module):
         def forward(self, x):

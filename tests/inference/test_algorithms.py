@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from hbmeta.tasks.sinusoid import SinusoidTasks
 from hbmeta.inference.gem import gem_gradient, gem_plus_posteriors, mc_gem_gradient
 from hbmeta.inference.inner import InnerConfig
 from hbmeta.inference.learner import ALGORITHMS, MetaLearner
 from hbmeta.models import DiagonalGaussianPrior, GaussianLikelihood, MeanFieldGuide, mlp
+from hbmeta.tasks.sinusoid import SinusoidTasks
 
 TASKS = SinusoidTasks(k_shot=5, k_query=5)
 
@@ -103,8 +103,8 @@ def test_prior_from_module_matches_module_weights():
 def test_point_learner_adapts_with_the_optimizer_it_meta_trained_with():
     """Reptile meta-trained with an Adam inner loop also adapts with Adam at meta-test: Adam's first step
     moves every weight with a non-zero gradient by the learning rate."""
-    from hbmeta.tasks.sinusoid import SinusoidTasks
     from hbmeta.inference.inner import InnerConfig
+    from hbmeta.tasks.sinusoid import SinusoidTasks
 
     learner = MetaLearner(mlp(1, (16, 16), 1), GaussianLikelihood(0.5), algorithm="reptile",
                           inner=InnerConfig(steps=1, lr=0.05, optimizer="adam"))

@@ -219,8 +219,8 @@ def test_cg_solver_on_conv4_raises_the_support_likelihood_and_shrinks_the_scales
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gauss_newton_meta_step_on_cuda_matches_the_cpu():
     """The default GEM-BML+ (Gauss-Newton VI) meta-step and the linearised predictive on CUDA equal the CPU's."""
-    from hbmeta.tasks.sinusoid import SinusoidTasks
     from hbmeta.inference.learner import MetaLearner
+    from hbmeta.tasks.sinusoid import SinusoidTasks
 
     batch = SinusoidTasks().sample(8, torch.Generator().manual_seed(0))
     learners = {}

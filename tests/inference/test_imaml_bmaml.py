@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from hbmeta.bench.step import peak_saved_bytes
-from hbmeta.tasks.sinusoid import SinusoidTasks
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.bmaml import bmaml_gradient, median_bandwidth, svgd, svgd_direction
 from hbmeta.inference.imaml import conjugate_gradient, imaml_gradient, implicit_meta_gradient, proximal_adapt
@@ -15,6 +14,7 @@ from hbmeta.inference.inner import InnerConfig
 from hbmeta.inference.learner import MetaLearner
 from hbmeta.models import DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel, ParticlePrior, Posterior, mlp
 from hbmeta.models.linear import linear_network
+from hbmeta.tasks.sinusoid import SinusoidTasks
 
 TASKS = SinusoidTasks(k_shot=5, k_query=5)
 

@@ -8,9 +8,9 @@ a fixed net) and to have lower variance (the measured ratio is asserted below 1)
 
 import torch
 
-import hbmeta.inference.inner as inner
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.gem import gem_plus_gradient
+import hbmeta.inference.inner as inner
 from hbmeta.inference.inner import CommonNoise, InnerConfig, clip_per_task
 from hbmeta.models import DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel, MeanFieldGuide
 from hbmeta.models.conv import Conv4

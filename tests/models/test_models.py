@@ -81,8 +81,8 @@ def test_shape_errors_name_the_problem():
 
 
 def test_prior_scale_ceiling_holds_after_meta_steps():
-    from hbmeta.tasks.sinusoid import SinusoidTasks
     from hbmeta.inference.learner import MetaLearner
+    from hbmeta.tasks.sinusoid import SinusoidTasks
 
     from hbmeta.inference.learner import default_inner
 

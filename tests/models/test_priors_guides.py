@@ -9,7 +9,6 @@ import torch
 
 from hbmeta.cli import build_parser
 from hbmeta.experiments import TrainConfig, make_config
-from hbmeta.training.runs import build_learner
 from hbmeta.inference.autoguide import fit_autoguide
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.gem import mc_gem_gradient
@@ -25,6 +24,7 @@ from hbmeta.models.mixture_prior import MixtureGaussianPrior
 from hbmeta.models.posterior import Posterior
 from hbmeta.models.prior_factory import PRIORS, make_prior
 from hbmeta.models.priors import DiagonalGaussianPrior
+from hbmeta.training.runs import build_learner
 
 
 def _posterior_near(loc: torch.Tensor, num_tasks: int, spread: float, sd: float, seed: int) -> Posterior:

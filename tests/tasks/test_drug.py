@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from hbmeta.tasks.data import default_data_root
-from hbmeta.tasks.data.drug import DRUG_FILE, load_drug_assays
 from hbmeta.evaluation.drug import evaluate_drug
-from hbmeta.tasks.drug import DrugTasks, drug_net, squared_correlation
 from hbmeta.inference.inner import InnerConfig
 from hbmeta.inference.learner import MetaLearner
 from hbmeta.models.likelihoods import GaussianLikelihood
+from hbmeta.tasks.data import default_data_root
+from hbmeta.tasks.data.drug import DRUG_FILE, load_drug_assays
+from hbmeta.tasks.drug import DrugTasks, drug_net, squared_correlation
 
 DATA = default_data_root() / DRUG_FILE
 needs_data = pytest.mark.skipif(not DATA.is_file(), reason=f"FS-Mol drug data not found at {DATA}")

@@ -7,9 +7,9 @@ import torch
 
 from hbmeta.experiments.config import TrainConfig
 from hbmeta.experiments.registry import get_experiment
+from hbmeta.models.mixture_prior import MixtureGaussianPrior
 from hbmeta.tasks.multimodal import FAMILIES, MultimodalTasks
 from hbmeta.training.loop import train
-from hbmeta.models.mixture_prior import MixtureGaussianPrior
 
 
 def test_multimodal_tasks_draw_every_family_with_its_own_function():

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from hbmeta.models.functional import BatchedNet
+from hbmeta.models.policy import GaussianMLPPolicy, split_policy_output
 from hbmeta.tasks.rl.baseline import advantages, discounted_returns, fit_linear_baseline, gae
 from hbmeta.tasks.rl.envs import Nav2DTasks
 from hbmeta.tasks.rl.rollouts import collect_rollouts
-from hbmeta.models.functional import BatchedNet
-from hbmeta.models.policy import GaussianMLPPolicy, split_policy_output
 
 
 @pytest.mark.parametrize("per_episode", [False, True])

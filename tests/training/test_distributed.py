@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hbmeta.training.runs import load_checkpoint
 from hbmeta.cli import main
 from hbmeta.experiments.config import TrainConfig
+from hbmeta.models.posterior import Posterior
 from hbmeta.training.distributed import (
     check_distributable,
     init_distributed,
@@ -26,10 +26,10 @@ from hbmeta.training.distributed import (
     task_slice,
     unpack_posterior,
 )
-from hbmeta.training.runtime import amp_autocast
 from hbmeta.training.loop import train
+from hbmeta.training.runs import load_checkpoint
 from hbmeta.training.runs import build_learner
-from hbmeta.models.posterior import Posterior
+from hbmeta.training.runtime import amp_autocast
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_PARAMS = 1761  # the 2 x 40 sinusoid MLP

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hbmeta.experiments.config import TrainConfig
 from hbmeta.evaluation.meta_test import mean_ci95, regression_errors
+from hbmeta.experiments.config import TrainConfig
 from hbmeta.tasks.sinusoid import SinusoidTasks
 from hbmeta.training.loop import train
 from hbmeta.training.runs import build_learner

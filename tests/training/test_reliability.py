@@ -5,15 +5,15 @@ import json
 import pytest
 import torch
 
-from hbmeta.training.runs import CheckpointError, load_checkpoint, save_checkpoint
 from hbmeta.cli import main
 from hbmeta.experiments.config import TrainConfig
-from hbmeta.training.runtime import resolve_device
-from hbmeta.training.loop import train
-from hbmeta.training.runs import load_learner
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.learner import MetaLearner
 from hbmeta.models import GaussianLikelihood, mlp
+from hbmeta.training.loop import train
+from hbmeta.training.runs import CheckpointError, load_checkpoint, save_checkpoint
+from hbmeta.training.runs import load_learner
+from hbmeta.training.runtime import resolve_device
 
 TINY = dict(experiment="sinusoid", iterations=6, meta_batch=3, inner_steps=2, checkpoint_every=2, device="cpu",
             log_every=1)

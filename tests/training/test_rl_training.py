@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from hbmeta.cli import main
-from hbmeta.experiments import TrainConfig, make_config, resolve_config
-from hbmeta.tasks.rl.envs import Nav2DTasks
 from hbmeta.evaluation.rl import evaluate_policy
 from hbmeta.evaluation.rl_report import load_evaluations, plot_returns, plot_training, returns_table
-from hbmeta.training.rl import build_policy_learner, load_policy_learner, train_rl
-from hbmeta.training.loop import train
+from hbmeta.experiments import TrainConfig, make_config, resolve_config
 from hbmeta.inference.rl_learner import PolicyMetaLearner
 from hbmeta.models.policy import GaussianMLPPolicy
+from hbmeta.tasks.rl.envs import Nav2DTasks
+from hbmeta.training.loop import train
+from hbmeta.training.rl import build_policy_learner, load_policy_learner, train_rl
 
 
 def _config(algorithm="gem-bml+", **kw) -> TrainConfig:

@@ -9,6 +9,11 @@ import torch
 from torch import nn
 
 from hbmeta.experiments import make_config
+from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.inner import InnerConfig
+from hbmeta.inference.learner import MetaLearner
+from hbmeta.models.likelihoods import GaussianLikelihood
+from hbmeta.models.scheduler_net import SchedulerNet
 from hbmeta.tasks.fewshot import FewShotTasks
 from hbmeta.tasks.noisy import (
     NoisyBatch,
@@ -18,6 +23,7 @@ from hbmeta.tasks.noisy import (
     restrict_classes,
     symmetric_transition_matrix,
 )
+from hbmeta.training.loop import train
 from hbmeta.training.schedulers import (
     AdaptiveTaskScheduler,
     GreedyLossScheduler,
@@ -28,12 +34,6 @@ from hbmeta.training.schedulers import (
     task_features,
     weighted_loss_decomposition,
 )
-from hbmeta.training.loop import train
-from hbmeta.inference.batch import TaskBatch
-from hbmeta.inference.inner import InnerConfig
-from hbmeta.inference.learner import MetaLearner
-from hbmeta.models.likelihoods import GaussianLikelihood
-from hbmeta.models.scheduler_net import SchedulerNet
 
 
 # ------------------------------------------------------------------------------------------ Proposition 1
@@ -267,8 +267,8 @@ def test_ats_run_resumes_to_exactly_the_uninterrupted_parameters(tmp_path):
 def test_docstring_examples_of_the_scheduler_modules_run():
     import doctest
 
-    import hbmeta.tasks.noisy
     import hbmeta.models.scheduler_net
+    import hbmeta.tasks.noisy
 
     for module in (hbmeta.tasks.noisy, hbmeta.models.scheduler_net):
         result = doctest.testmod(module)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hbmeta.tasks.rl.baseline import advantages
 from hbmeta.inference.policy_data import PolicyData
 from hbmeta.models.functional import BatchedNet
 from hbmeta.models.policy import split_policy_output
+from hbmeta.tasks.rl.baseline import advantages
 
 __all__ = ["Rollouts", "collect_rollouts"]
 
