@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "train_settings", "diagnosis_summary"]
 
 
 def _add_train(sub) -> None:
@@ -27,8 +27,13 @@ def _add_train(sub) -> None:
     from hbmeta.models import PRIORS
 
     d = TrainConfig()
-    p = sub.add_parser("train", help="meta-train an algorithm on an experiment")
-    p.add_argument("experiment", help=f"one of: {', '.join(EXPERIMENTS)}")
+    p = sub.add_parser("train", help="meta-train an algorithm on an experiment", formatter_class=_Help,
+                       description="Meta-train an algorithm on an experiment into a run folder (--out). Flags left "
+                                   "unset take the experiment's and the algorithm's defaults (the papers' tables).")
+    p.add_argument("experiment", nargs="?", default=None,
+                   help=f"one of: {', '.join(EXPERIMENTS)} (or the one in --config)")
+    p.add_argument("--config", default=None, help="a run's config.json (or any JSON with its keys, nested or flat) to "
+                   "repeat: its settings are the defaults, flags given here override them")
     p.add_argument("--algo", "--algorithm", dest="algorithm", default=d.algorithm, help=f"one of: {', '.join(ALGORITHMS)}")
     p.add_argument("--iterations", type=int, default=d.iterations, help="meta-iterations (the budget)")
     p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-iteration (default: the experiment's)")
@@ -41,14 +46,14 @@ def _add_train(sub) -> None:
                    "(default: $HBMETA_DATA or ../shared/data)")
     p.add_argument("--split", default=d.split, choices=["paper", "vinyals"],
                    help="Omniglot character split: the paper's 1200/423 or Vinyals et al.'s")
-    p.add_argument("--inner-steps", type=int, default=None)
-    p.add_argument("--inner-lr", type=float, default=None)
+    p.add_argument("--inner-steps", type=int, default=None, help="inner-update steps per task at meta-train (default: the algorithm's / experiment's)")
+    p.add_argument("--inner-lr", type=float, default=None, help="inner learning rate (SVI and the point-estimate baselines; Gauss-Newton VI has none)")
     p.add_argument("--inner-optimizer", default=None, help="adam, sgd or any torch.optim name")
     p.add_argument("--inner-scale-lr", type=float, default=None, help="inner learning rate of the guide's scales")
     p.add_argument("--num-samples", type=int, default=None, help="Monte-Carlo samples per inner step")
     p.add_argument("--clip-norm", type=float, default=None, help="per-task gradient clipping in the inner loop")
     p.add_argument("--test-steps", type=int, default=None, help="adaptation steps at meta-test (default: the experiment's)")
-    p.add_argument("--meta-lr", type=float, default=d.meta_lr)
+    p.add_argument("--meta-lr", type=float, default=d.meta_lr, help="learning rate of the meta-optimizer (Adam) on the prior")
     p.add_argument("--prior-scale", type=float, default=None,
                    help="initial prior sd (BMAML: particle spread); default 0.2 with Gauss-Newton VI, 0.02 with SVI, BMAML 0.1")
     p.add_argument("--imaml-lambda", type=float, default=None, help="iMAML's proximal regularisation")
@@ -71,10 +76,11 @@ def _add_train(sub) -> None:
     p.add_argument("--prior-components", type=int, default=d.model.prior_components,
                    help="mixture components K, or the rank of the low-rank prior")
     p.add_argument("--gem-plus-mode", default=None, choices=["sequential", "joint", "restart"],
-                   help="how GEM-BML+ fits q2; default restart with Gauss-Newton VI, sequential with SVI")
-    p.add_argument("--seed", type=int, default=d.seed)
+                   help="how GEM-BML+ fits q2 (restart: from the prior on support + query; sequential: the paper's VI(q1, "
+                        "query); joint: from q1 on both); default restart with Gauss-Newton VI, sequential with SVI")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the network's initialisation and every meta-iteration's random streams")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="iterations between checkpoints (atomic; --resume continues from the last)")
     p.add_argument("--log-every", type=int, default=d.log_every, help="iterations between lines of metrics.jsonl")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (1 is fastest for small nets)")
     p.add_argument("--horizon", type=int, default=None, help="RL: steps per episode (nav2d 100, cheetah 200)")
@@ -88,7 +94,7 @@ def _add_train(sub) -> None:
                    "parameters to rank 0, which steps and broadcasts the prior (docs/distributed.md)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast of the inner loop's network forward passes "
                    "(GEM, FOMAML, Reptile, iMAML; not algorithms that backpropagate through the inner loop)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--eval-tasks", type=int, default=None,
                    help="new tasks for the evaluation after training (default: 100 regression, 600 classification)")
     p.add_argument("--scheduler", default=d.scheduler.name, choices=list(SCHEDULERS),
@@ -104,48 +110,70 @@ def _add_train(sub) -> None:
     p.add_argument("--class-budget", type=int, default=None, help="meta-train on this many training classes only")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every ``--help`` shows the defaults; a help line that already says what its default is keeps its own words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
+def _add_run_options(p, tasks: int | None, tasks_help: str, out_help: str) -> None:
+    """The options every command that reads run folders shares: tasks, seed, device, threads, --out."""
+    p.add_argument("--tasks", type=int, default=tasks, help=tasks_help)
+    p.add_argument("--seed", type=int, default=12345, help="seed of the held-out test tasks (the same for every run)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest for small nets)")
+    p.add_argument("--out", default=None, help=out_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hbmeta", description="Bayesian meta-learning with Gradient-EM (GEM-BML).")
+    from hbmeta import __version__
+
+    parser = argparse.ArgumentParser(prog="hbmeta", description="Bayesian meta-learning with Gradient-EM (GEM-BML).",
+                                     formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"hbmeta {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
 
-    p = sub.add_parser("evaluate", help="meta-test a checkpoint on new tasks: error vs adaptation steps")
+    p = sub.add_parser("evaluate", help="meta-test a checkpoint on new tasks: error vs adaptation steps",
+                       formatter_class=_Help)
     p.add_argument("run", help="run folder (or checkpoint file)")
     p.add_argument("--steps", type=int, default=10, help="report steps 0..N")
-    p.add_argument("--tasks", type=int, default=None, help="test tasks (default: 100 regression, 600 classification)")
-    p.add_argument("--seed", type=int, default=12345)
-    p.add_argument("--device", default="auto")
+    _add_run_options(p, None, "test tasks (default: 100 regression, 600 classification, all drug assays)",
+                     "folder for evaluation.json (default: the run folder)")
 
-    p = sub.add_parser("diagnose", help="posterior and calibration diagnostics of a run with ArviZ (plots + summary)")
+    p = sub.add_parser("diagnose", help="posterior and calibration diagnostics of a run with ArviZ (plots + summary)",
+                       formatter_class=_Help)
     p.add_argument("run", help="run folder")
-    p.add_argument("--out", default=None, help="output folder (default: RUN/diagnostics)")
-    p.add_argument("--tasks", type=int, default=100)
     p.add_argument("--steps", type=int, default=None, help="adaptation steps (default: the run's test_steps)")
-    p.add_argument("--seed", type=int, default=12345)
-    p.add_argument("--device", default="auto")
+    _add_run_options(p, 100, "test tasks", "folder for diagnostics.json, idata.nc and the plots "
+                     "(default: RUN/diagnostics)")
 
-    p = sub.add_parser("calibrate", help="ECE / MCE and reliability diagrams of classification runs, side by side")
+    p = sub.add_parser("calibrate", help="ECE / MCE and reliability diagrams of classification runs, side by side",
+                       formatter_class=_Help)
     p.add_argument("runs", nargs="+", help="run folders (same experiment, ways, shots)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--tasks", type=int, default=600)
-    p.add_argument("--steps", type=int, default=None, help="adaptation steps for every run (default: each run's test_steps)")
-    p.add_argument("--seed", type=int, default=12345)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=None,
+                   help="adaptation steps for every run (default: each run's test_steps)")
+    _add_run_options(p, 600, "test tasks (the same for every run)",
+                     "folder for calibration.json and reliability.png (default: calibration/ beside the first run)")
 
-    p = sub.add_parser("demo", help="GEM-BML+ vs MAML on sinusoid with the same budget (~3 min on a 2-core CPU)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--iterations", type=int, default=4000)
-    p.add_argument("--meta-batch", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("demo", help="GEM-BML+ vs MAML on sinusoid with the same budget (~4 min on a 2-core CPU)",
+                       formatter_class=_Help)
+    p.add_argument("--out", default="runs/demo", help="folder for both runs, demo.json and the predictive plot")
+    p.add_argument("--iterations", type=int, default=4000, help="meta-iterations per algorithm")
+    p.add_argument("--meta-batch", type=int, default=25, help="tasks per meta-iteration")
+    p.add_argument("--seed", type=int, default=0, help="seed of both runs")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("gradient-study", help="meta-gradient error of GEM vs ELBO gradient (appendix C.1)")
-    p.add_argument("--out", default="runs/gradient-study")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("gradient-study", help="meta-gradient error of GEM vs ELBO gradient (appendix C.1)",
+                       formatter_class=_Help)
+    p.add_argument("--out", default="runs/gradient-study", help="folder for the table, JSON and plot")
+    p.add_argument("--repeats", type=int, default=None, help="random problems per setting (default: the study's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random linear-regression problems")
 
-    p = sub.add_parser("bench", help="benchmarks")
+    p = sub.add_parser("bench", help="benchmarks", formatter_class=_Help)
     p.add_argument("which", choices=["step", "scaling", "throughput", "accuracy"],
                    help="step: sinusoid net, time and memory per meta-iteration vs inner steps; "
                         "scaling: the same with conv4 on miniImageNet-shaped 5-way 1-shot tasks (paper Fig. 2b); "
@@ -164,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=None, help="scaling: query images per class")
     p.add_argument("--inner-steps", default=None, help="comma-separated inner-step counts, e.g. 1,2,5,10,20")
     p.add_argument("--warmup", type=int, default=None, help="untimed repetitions first")
-    p.add_argument("--out", default="runs/bench")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="runs/bench", help="folder for the table and JSON (accuracy: runs/accuracy)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: the benchmark's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     return parser
 
 
@@ -182,6 +210,38 @@ def _print_evaluation(evaluation: dict) -> None:
             print(f"  meta-test MSE after {k:>2} steps: {v['mse']:.4f} ± {v['ci95']:.4f}")
 
 
+#: options of ``hbmeta train`` that are not run settings
+_NOT_SETTINGS = ("command", "out", "resume", "no_progress", "eval_tasks", "config")
+
+
+def train_settings(args) -> dict:
+    """The run settings of ``hbmeta train``, by flat name: ``--config``'s, overridden by the flags given here.
+
+    A flag counts as given when its value differs from its default (argparse does not say more), so repeating a
+    run with ``--config RUN/config.json --seed 1`` changes the seed and nothing else.
+    """
+    from hbmeta.experiments import TrainConfig
+
+    fields = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    if args.config is None:
+        if fields["experiment"] is None:
+            raise ValueError("hbmeta train needs an experiment (or --config RUN/config.json)")
+        return fields
+    path = Path(args.config)
+    try:
+        saved = TrainConfig.from_dict(json.loads(path.read_text())).to_flat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config {path}: no such file") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--config {path} is not JSON: {err}") from None
+    defaults = vars(build_parser().parse_args(["train", "--out", "unused"]))  # every flag at its default
+    given = {k: v for k, v in fields.items() if v != defaults[k]}
+    if given.get("experiment") not in (None, saved["experiment"]):
+        raise ValueError(f"experiment {given['experiment']!r} differs from --config's {saved['experiment']!r}; "
+                         f"give one of them")
+    return {**saved, **given}
+
+
 def _cmd_train(args) -> int:
     import torch
 
@@ -189,8 +249,7 @@ def _cmd_train(args) -> int:
     from hbmeta.experiments import get_experiment, make_config
     from hbmeta.training import train
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume", "no_progress", "eval_tasks")}
-    config = make_config(**fields)  # every default filled in, for the report below
+    config = make_config(**train_settings(args))  # every default filled in, for the report below
     if get_experiment(config.experiment).metric == "return":  # meta-RL (hbmeta.tasks.rl)
         from hbmeta.cli.rl import train_command
 
@@ -214,27 +273,41 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _run_folder(run: str) -> Path:
+    """The run folder of a run folder or of a checkpoint file in it."""
+    path = Path(run)
+    return path if path.is_dir() else path.parent
+
+
+def _write_json(folder: Path, name: str, data) -> Path:
+    from hbmeta.training.runs import atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(folder / name, json.dumps(data, indent=2, default=str))
+
+
 def _cmd_evaluate(args) -> int:
     from hbmeta.cli.rl import evaluate_command, is_rl_run
     from hbmeta.evaluation.meta_test import evaluate_experiment
     from hbmeta.training.runs import load_learner
 
+    out = Path(args.out) if args.out is not None else _run_folder(args.run)
     if is_rl_run(args.run):  # meta-RL: average return after 0..steps adaptation steps
-        return evaluate_command(args.run, args.steps, args.tasks, args.seed)
+        return evaluate_command(args.run, args.steps, args.tasks, args.seed, out)
     learner, config, iteration = load_learner(args.run, args.device)
     evaluation = evaluate_experiment(learner, config, tuple(range(args.steps + 1)), num_tasks=args.tasks, seed=args.seed)
     print(f"{config.algorithm} on {config.experiment}, checkpoint at iteration {iteration}, "
           f"{next(iter(evaluation.values())).get('num_tasks', args.tasks or 100)} new tasks")
     _print_evaluation(evaluation)
-    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
-    (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    print(f"wrote {_write_json(out, 'evaluation.json', evaluation)}")
     return 0
 
 
 def _cmd_calibrate(args) -> int:
     from hbmeta.evaluation.meta_test import compare_calibration
 
-    report = compare_calibration(args.runs, args.out, num_tasks=args.tasks, seed=args.seed, device=args.device,
+    out = Path(args.out) if args.out is not None else _run_folder(args.runs[0]).parent / "calibration"
+    report = compare_calibration(args.runs, out, num_tasks=args.tasks, seed=args.seed, device=args.device,
                                  steps=args.steps)
     print("| run | steps | accuracy (%) | ECE | MCE |\n|---|---:|---:|---:|---:|")
     for name, r in report["runs"].items():
@@ -245,12 +318,33 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def diagnosis_summary(report: dict) -> str:
+    """A few lines a person reads after ``hbmeta diagnose`` (``diagnostics.json`` holds everything)."""
+    m = report["metrics"]
+    lines = [f"{report.get('algorithm', '?')} on {report.get('experiment', '?')} (iteration {report.get('iteration', '?')}): "
+             f"{report.get('num_tasks', '?')} test tasks after {report.get('adaptation_steps', '?')} adaptation steps, "
+             f"{report.get('posterior', '?')} posterior, {report.get('predictive_samples', '?')} predictive samples"]
+    if "accuracy" in m:
+        lines.append(f"  accuracy {100 * m['accuracy']:.2f} ± {100 * m['accuracy_ci95']:.2f} %, ECE {m['ece']:.4f}, "
+                     f"MCE {m['mce']:.4f} ({m['num_bins']} bins), NLL {m['nll']:.4f}")
+    if "mse" in m:
+        lines.append(f"  query MSE {m['mse']:.4f} ± {m['mse_ci95']:.4f}, log predictive density "
+                     f"{m['log_predictive_density']:.3f} per point (noise sd {m['noise_scale']:.3g})")
+    if "pit" in m:
+        pit = m["pit"]
+        lines.append(f"  predictive intervals hold {100 * pit['coverage_50']:.0f}% of points at 50% and "
+                     f"{100 * pit['coverage_90']:.0f}% at 90%; PIT uniformity KS p = {pit['ks_pvalue']:.3g} "
+                     f"({pit['num_points']} points)")
+    return "\n".join(lines)
+
+
 def _cmd_diagnose(args) -> int:
     from hbmeta.evaluation.diagnostics import diagnose_run
 
     report = diagnose_run(args.run, args.out, num_tasks=args.tasks, seed=args.seed, device=args.device,
                           steps=args.steps)
-    print(json.dumps(report["metrics"], indent=2, default=str))
+    summary = [p for p in report.get("files", []) if str(p).endswith("diagnostics.json")]
+    print(diagnosis_summary(json.loads(Path(summary[0]).read_text()) if summary else report))
     for path in report.get("files", []):
         print(f"wrote {path}")
     return 0

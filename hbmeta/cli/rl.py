@@ -36,7 +36,7 @@ def train_command(config, out: str, resume: bool, progress: bool, eval_tasks: in
     return 0
 
 
-def evaluate_command(run: str, steps: int, num_tasks: int | None, seed: int) -> int:
+def evaluate_command(run: str, steps: int, num_tasks: int | None, seed: int, out: Path | None = None) -> int:
     """``hbmeta evaluate RUN --steps N`` for an RL run: average return after 0..N steps (40 rollouts each)."""
     from hbmeta.evaluation.rl import evaluate_rl_run, format_returns
     from hbmeta.training.rl import load_policy_learner
@@ -46,6 +46,8 @@ def evaluate_command(run: str, steps: int, num_tasks: int | None, seed: int) -> 
     print(f"{config.algorithm} on {config.experiment}, checkpoint at iteration {iteration}, "
           f"{evaluation[0]['num_tasks']} new tasks x {evaluation[0]['episodes']} rollouts per step")
     print(format_returns(evaluation))
-    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
-    (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    out = out if out is not None else (Path(run) if Path(run).is_dir() else Path(run).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    print(f"wrote {out / 'evaluation.json'}")
     return 0

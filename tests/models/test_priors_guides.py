@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hbmeta.cli import build_parser
+from hbmeta.cli import build_parser, train_settings
 from hbmeta.experiments import TrainConfig, make_config
 from hbmeta.inference.autoguide import fit_autoguide
 from hbmeta.inference.batch import TaskBatch
@@ -250,9 +250,7 @@ def test_swapping_prior_or_guide_changes_nothing_else_in_a_runs_config():
     args = ["train", "multimodal", "--out", "unused"]
     parse = build_parser().parse_args
     def config(extra):
-        fields = {k: v for k, v in vars(parse(args + extra)).items()
-                  if k not in ("command", "out", "resume", "no_progress", "eval_tasks")}
-        return make_config(**fields)
+        return make_config(**train_settings(parse(args + extra)))
     base = config(["--inner-method", "svi"]).to_flat()
     for extra, changed in ((["--prior", "mixture", "--prior-components", "3"], {"prior", "prior_components"}),
                            (["--guide", "lowrank"], {"guide"}), (["--prior", "laplace"], {"prior"})):

@@ -227,13 +227,12 @@ def test_warm_up_step_trains_the_scheduler_but_leaves_the_meta_model_unchanged()
 
 # ------------------------------------------------------------------------------------------ integration
 def test_config_and_cli_accept_scheduler_options_and_reject_bad_ones():
-    from hbmeta.cli import build_parser
+    from hbmeta.cli import build_parser, train_settings
 
     args = build_parser().parse_args(["train", "omniglot", "--scheduler", "ats", "--pool-size", "12", "--label-noise",
                                       "0.6", "--class-budget", "40", "--temperature", "0.5", "--meta-batch", "4",
                                       "--out", "x"])
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume", "no_progress", "eval_tasks")}
-    config = make_config(**fields)
+    config = make_config(**train_settings(args))
     assert (config.scheduler.name, config.scheduler.pool_size, config.label_noise, config.class_budget, config.scheduler.temperature) == (
         "ats", 12, 0.6, 40, 0.5)
     noisy = make_config(experiment="omniglot", scheduler="ats", meta_batch=4, label_noise=0.2)
