@@ -33,3 +33,54 @@ def test_readme_run_config_example_runs(tmp_path, monkeypatch):
     exec(compile(code.replace("iterations=200", "iterations=20"), "README.md", "exec"), scope)
     assert scope["saved"] == scope["result"].config and scope["iteration"] == 20
     assert scope["result"].config.meta_batch == 25 and scope["result"].config.inner.steps == 3
+
+
+#: the README's training loops, cut to a test's budget (the only change made to the code before it runs)
+_BUDGET = {"range(2000)": "range(20)", "range(100)": "range(3)", "sample(50, gen)": "sample(4, gen)",
+           "iterations=200": "iterations=20"}
+
+
+def _readme_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(_readme_blocks("python"))))
+def test_every_readme_python_block_runs(index, tmp_path, monkeypatch):
+    """Each block runs on its own in a fresh namespace (nothing from an earlier block), as a reader pastes it."""
+    code = _readme_blocks("python")[index]
+    if "omniglot" in code:
+        from hbmeta.tasks.data import default_data_root
+
+        if not (default_data_root() / "omniglot" / "images_background.npz").exists():
+            pytest.skip("Omniglot npz files not found (set HBMETA_DATA)")
+    for long, short in _BUDGET.items():
+        code = code.replace(long, short)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+
+
+def test_every_readme_command_line_parses():
+    """Every ``hbmeta ...`` line of the README's shell blocks is a valid command (parsed, not run: some take hours);
+    every module run with ``-m`` and every script exists."""
+    import importlib.util
+    import shlex
+
+    from hbmeta.cli import build_parser
+
+    parser, seen = build_parser(), 0
+    for block in _readme_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if not words:
+                continue
+            if "-m" in words:
+                module = words[words.index("-m") + 1]
+                assert importlib.util.find_spec(module) is not None, line
+                words = ["hbmeta", *words[words.index("-m") + 2:]] if module == "hbmeta.cli" else []
+            elif words[0] == "bash":
+                assert (README.parent / words[1]).exists(), line
+                continue
+            if words and words[0].endswith("hbmeta") and "--help" not in words:
+                parser.parse_args(words[1:])
+                seen += 1
+    assert seen >= 20
