@@ -13,13 +13,14 @@ from hbmeta.inference.algorithm import ALGORITHMS, Algorithm, get_algorithm, reg
 from hbmeta.inference.autoguide import AUTOGUIDES, fit_autoguide
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.inner import InnerConfig, InnerLoopDivergedError, fit_posterior, negative_elbo
-from hbmeta.inference.learner import MetaLearner, Predictive
+from hbmeta.inference.learner import MetaLearner
+from hbmeta.inference.predictive import PosteriorPredictive
 from hbmeta.inference.rl_learner import RL_ALGORITHMS, PolicyMetaLearner
 
 __all__ = [
     "TaskBatch", "InnerConfig", "InnerLoopDivergedError", "fit_posterior", "negative_elbo", "gem_gradient",
     "mc_gem_gradient", "gem_bml_gradient", "gem_plus_gradient", "gem_plus_posteriors", "elbo_gradient",
     "abml_gradient", "maml_gradient", "fomaml_gradient", "reptile_gradient", "pretrain_gradient", "MetaLearner",
-    "Predictive", "Algorithm", "ALGORITHMS", "get_algorithm", "register_algorithm", "imaml_gradient",
+    "PosteriorPredictive", "Algorithm", "ALGORITHMS", "get_algorithm", "register_algorithm", "imaml_gradient",
     "bmaml_gradient", "svgd", "fit_autoguide", "AUTOGUIDES", "PolicyMetaLearner", "RL_ALGORITHMS",
 ]

@@ -6,7 +6,8 @@ r"""One API for every meta-learner (GEM-BML Algorithm 1: Meta-train and Meta-tes
     for batch in task_batches:
         learner.meta_step(batch)                 # Theta <- Theta + beta * mean_tau grad L_tau
     posterior = learner.adapt(x_support, y_support, steps=10)   # Meta-test: VI from the learned Theta
-    mean, sd = learner.predict(posterior, x_query)              # posterior predictive
+    pred = learner.predict(posterior, x_query)                  # posterior predictive: pred.mean, pred.std,
+    band = pred.quantiles((0.05, 0.95))                         # draws of f and of y (pred.sites), bands of y
 
 The algorithm is chosen by name from the registry (:data:`ALGORITHMS`, :mod:`hbmeta.inference.algorithm`): the
 learner dispatches its meta-gradient, meta-test adaptation, defaults and checks to that
@@ -18,7 +19,6 @@ register) beside their meta-gradients; importing this module imports them all.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,7 @@ from hbmeta.inference.gem import GEM_PLUS_MODES, LIKELIHOOD_PREFIX
 import hbmeta.inference.imaml  # noqa: F401  (imaml)
 from hbmeta.inference.inner import InnerConfig, make_optimizer
 import hbmeta.inference.maml  # noqa: F401  (maml, fomaml)
+from hbmeta.inference.predictive import PosteriorPredictive
 import hbmeta.inference.reptile  # noqa: F401  (reptile, pretrain)
 from hbmeta.models.functional import BatchedNet
 from hbmeta.models.guides import Guide, make_guide
@@ -44,7 +45,7 @@ from hbmeta.models.posterior import Posterior
 from hbmeta.models.prior_factory import make_prior
 from hbmeta.models.priors import DiagonalGaussianPrior, Prior
 
-__all__ = ["Algorithm", "ALGORITHMS", "MetaLearner", "Predictive", "get_algorithm", "register_algorithm",
+__all__ = ["Algorithm", "ALGORITHMS", "MetaLearner", "PosteriorPredictive", "get_algorithm", "register_algorithm",
            "default_inner", "step_prior", "PriorDefaults", "prior_defaults", "GAUSS_NEWTON_DEFAULT",
            "GAUSS_NEWTON_GUIDES"]
 
@@ -96,14 +97,6 @@ def step_prior(prior: Prior, optimizer: torch.optim.Optimizer, grads: dict[str, 
     optimizer.step()
     prior.project()
     return float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
-
-
-class Predictive(NamedTuple):
-    """Posterior predictive at query inputs: mean and spread of ``f(x; theta)``, ``theta ~ q``."""
-
-    mean: Tensor       # [T, N, out]
-    std: Tensor        # [T, N, out] spread of f over the posterior (epistemic)
-    samples: Tensor    # [S, T, N, out]
 
 
 @dataclass
@@ -229,8 +222,9 @@ class MetaLearner:
 
     @torch.no_grad()
     def predict(self, posterior: Posterior, x: Tensor, num_samples: int = 100,
-                generator: torch.Generator | None = None) -> Predictive:
-        r"""Posterior predictive of ``f(x; theta)`` at query inputs ``x [T, N, ...]``: mean, spread and samples.
+                generator: torch.Generator | None = None) -> PosteriorPredictive:
+        r"""Posterior predictive at query inputs ``x [T, N, ...]``: draws of ``f(x; theta)`` and of ``y`` through the
+        likelihood (:class:`~hbmeta.inference.predictive.PosteriorPredictive`; ``.mean`` / ``.std`` are those of ``f``).
 
         - A posterior from the Gauss-Newton inner update carries the linearised model's full Gaussian posterior
           (:attr:`hbmeta.models.posterior.Posterior.has_laplace`): the predictive is that model's, the *linearised* (GLM)
@@ -249,10 +243,11 @@ class MetaLearner:
         else:
             n = 1 if posterior.kind == "delta" else num_samples
         samples = self.model.net(posterior.sample(n, generator), x)
-        return Predictive(samples.mean(0), samples.std(0, unbiased=False), samples)
+        return PosteriorPredictive(samples.mean(0), samples.std(0, unbiased=False), samples, self.likelihood,
+                                   num_samples, generator)
 
     def _linearised_predictive(self, posterior: Posterior, x: Tensor, num_samples: int,
-                               generator: torch.Generator | None, chunk: int = 8) -> Predictive:
+                               generator: torch.Generator | None, chunk: int = 8) -> PosteriorPredictive:
         """The GLM predictive, ``chunk`` tasks at a time (the query Jacobian is ``[chunk, N, O, P]``)."""
         means, stds, draws = [], [], []
         for start in range(0, x.shape[0], chunk):
@@ -266,7 +261,8 @@ class MetaLearner:
             means.append(f)
             stds.append(cov.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().reshape(f.shape))
             draws.append(draw.reshape(num_samples, *f.shape))
-        return Predictive(torch.cat(means), torch.cat(stds), torch.cat(draws, 1))
+        return PosteriorPredictive(torch.cat(means), torch.cat(stds), torch.cat(draws, 1), self.likelihood,
+                                   num_samples, generator)
 
     # ---------------------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:

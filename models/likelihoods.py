@@ -34,6 +34,14 @@ class Likelihood(nn.Module):
     def distribution(self, pred: Tensor) -> dist.TorchDistribution:
         raise NotImplementedError
 
+    def sample(self, pred: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Observations ``y ~ p(y | f = pred)``, one per entry of ``pred``'s batch (a posterior predictive draw).
+
+        The default samples :meth:`distribution` (torch's global random stream); the built-in likelihoods draw from
+        ``generator``.
+        """
+        return self.distribution(pred).sample()
+
     def log_prob(self, pred: Tensor, y: Tensor) -> Tensor:
         return self.distribution(pred).log_prob(y)
 
@@ -115,6 +123,10 @@ class GaussianLikelihood(Likelihood):
     def distribution(self, pred: Tensor) -> dist.TorchDistribution:
         return dist.Normal(pred, self._scale().to(pred), validate_args=False).to_event(2)
 
+    def sample(self, pred: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(pred.shape, generator=generator, device=pred.device, dtype=pred.dtype)
+        return pred + self._scale().to(pred) * noise
+
     def log_prob(self, pred: Tensor, y: Tensor) -> Tensor:
         """The same value as ``distribution(pred).log_prob(y)``, without building a distribution object."""
         log_s = self.log_noise.to(pred)
@@ -170,6 +182,11 @@ class CategoricalLikelihood(Likelihood):
 
     def distribution(self, pred: Tensor) -> dist.TorchDistribution:
         return dist.Categorical(logits=self._logits(pred), validate_args=False).to_event(1)
+
+    def sample(self, pred: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        probs = torch.softmax(self._logits(pred), dim=-1)
+        flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+        return flat.reshape(probs.shape[:-1])
 
     def point_loss(self, pred: Tensor, y: Tensor) -> Tensor:
         logp = F.log_softmax(self._logits(pred), dim=-1)

@@ -1,0 +1,95 @@
+r"""The posterior predictive at query inputs: draws of the network's output ``f`` and of the observations ``y``.
+
+:meth:`hbmeta.inference.learner.MetaLearner.predict` returns a :class:`PosteriorPredictive`. Like Pyro's
+:class:`pyro.infer.Predictive` it holds samples by site, ``[S, T, N, ...]`` (draws, tasks, query points):
+
+- ``"f"``: the network's output under the adapted posterior, :math:`f(x; \theta_s)` with :math:`\theta_s \sim q`
+  (after Gauss-Newton VI the linearised model's Gaussian draws);
+- ``"obs"``: observations through the likelihood, :math:`y_s \sim p(y \mid f_s)` (Gaussian noise, a class label),
+  drawn the first time they are asked for.
+
+``mean`` and ``std`` are those of ``f`` (the epistemic part); :meth:`site_mean`, :meth:`site_std` and
+:meth:`quantiles` read any site, so ``quantiles((0.05, 0.95))`` is a 90% band for new observations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import Tensor
+
+from hbmeta.models.likelihoods import Likelihood
+
+__all__ = ["PosteriorPredictive"]
+
+
+def _derived_seed(generator: torch.Generator) -> int:
+    """A seed read off ``generator``'s state without drawing from it (so callers' random streams are unchanged)."""
+    return int.from_bytes(hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest(), "little") >> 1
+
+
+class PosteriorPredictive:
+    """Posterior predictive draws by site (``"f"``, ``"obs"``), with their mean, spread and quantiles.
+
+    Attributes:
+        mean: ``[T, N, out]`` mean of ``f`` (the linearised predictive's exact mean after Gauss-Newton VI).
+        std: ``[T, N, out]`` spread of ``f`` over the posterior (epistemic).
+        samples: ``[S, T, N, out]`` draws of ``f`` (as ``sites["f"]``).
+    """
+
+    def __init__(self, mean: Tensor, std: Tensor, samples: Tensor, likelihood: Likelihood, num_samples: int,
+                 generator: torch.Generator | None = None) -> None:
+        self.mean, self.std, self.samples = mean, std, samples
+        self._likelihood, self._num_samples = likelihood, num_samples
+        self._seed = None if generator is None else _derived_seed(generator)
+        self._observed: Tensor | None = None
+
+    @property
+    def observed(self) -> Tensor:
+        """``[S, T, N, ...]`` draws of the observations, ``y_s ~ p(y | f_s)``; a point or particle posterior's ``f``
+        draws are reused in turn, so there are always ``num_samples`` of them."""
+        if self._observed is None:
+            f = self.samples
+            if f.shape[0] != self._num_samples:
+                f = f[torch.arange(self._num_samples, device=f.device) % f.shape[0]]
+            generator = None
+            if self._seed is not None:
+                generator = torch.Generator(device=f.device).manual_seed(self._seed)
+            self._observed = self._likelihood.sample(f, generator)
+        return self._observed
+
+    @property
+    def sites(self) -> dict[str, Tensor]:
+        """``{"f": samples, "obs": observed}``, each ``[S, T, N, ...]`` (Pyro ``Predictive``'s layout)."""
+        return {"f": self.samples, "obs": self.observed}
+
+    def _site(self, site: str) -> Tensor:
+        if site not in ("f", "obs"):
+            raise ValueError(f"unknown predictive site {site!r}; choose 'f' (network output) or 'obs' (observations)")
+        return self.samples if site == "f" else self.observed
+
+    def site_mean(self, site: str = "obs") -> Tensor:
+        """Monte-Carlo mean of a site over the draws (class labels: their frequencies are in :meth:`class_probs`)."""
+        return self._site(site).double().mean(0).to(self.mean.dtype)
+
+    def site_std(self, site: str = "obs") -> Tensor:
+        """Monte-Carlo standard deviation of a site over the draws."""
+        return self._site(site).double().std(0, unbiased=False).to(self.mean.dtype)
+
+    def quantiles(self, q: tuple[float, ...] | list[float] | Tensor, site: str = "obs") -> Tensor:
+        """``[len(q), T, N, ...]`` quantiles of a site over the draws, e.g. ``quantiles((0.05, 0.95))``."""
+        values = self._site(site)
+        if not values.is_floating_point():
+            raise ValueError(f"site {site!r} holds class labels; quantiles need a real-valued site (use 'f')")
+        return torch.quantile(values, torch.as_tensor(q, dtype=values.dtype, device=values.device), dim=0)
+
+    def class_probs(self, num_classes: int) -> Tensor:
+        """``[T, N, C]`` predictive class frequencies of sampled labels (a classification likelihood's ``obs``)."""
+        labels = self.observed
+        if labels.is_floating_point():
+            raise ValueError("class_probs reads sampled class labels; this likelihood's observations are real")
+        return torch.nn.functional.one_hot(labels, num_classes).double().mean(0).to(self.mean.dtype)
+
+    def __repr__(self) -> str:
+        return f"PosteriorPredictive(draws={self.samples.shape[0]}, tasks={self.mean.shape[0]}, f={tuple(self.mean.shape)})"
