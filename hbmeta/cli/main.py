@@ -95,6 +95,8 @@ def _add_train(sub) -> None:
     p.add_argument("--amp", action="store_true", help="bf16 autocast of the inner loop's network forward passes "
                    "(GEM, FOMAML, Reptile, iMAML; not algorithms that backpropagate through the inner loop)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true", help="also write the logged metrics as TensorBoard scalars "
+                   "into OUT/tensorboard (the tensorboard extra)")
     p.add_argument("--eval-tasks", type=int, default=None,
                    help="new tasks for the evaluation after training (default: 100 regression, 600 classification)")
     p.add_argument("--scheduler", default=d.scheduler.name, choices=list(SCHEDULERS),
@@ -158,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, 600, "test tasks (the same for every run)",
                      "folder for calibration.json and reliability.png (default: calibration/ beside the first run)")
 
+    p = sub.add_parser("summary", help="finished runs side by side: a table of where they ended and learning curves",
+                       formatter_class=_Help)
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default="runs/summary", help="folder for summary.md and learning_curves.png")
+
     p = sub.add_parser("demo", help="GEM-BML+ vs MAML on sinusoid with the same budget (~4 min on a 2-core CPU)",
                        formatter_class=_Help)
     p.add_argument("--out", default="runs/demo", help="folder for both runs, demo.json and the predictive plot")
@@ -211,7 +218,7 @@ def _print_evaluation(evaluation: dict) -> None:
 
 
 #: options of ``hbmeta train`` that are not run settings
-_NOT_SETTINGS = ("command", "out", "resume", "no_progress", "eval_tasks", "config")
+_NOT_SETTINGS = ("command", "out", "resume", "no_progress", "eval_tasks", "config", "tensorboard")
 
 
 def train_settings(args) -> dict:
@@ -254,7 +261,7 @@ def _cmd_train(args) -> int:
         from hbmeta.cli.rl import train_command
 
         return train_command(config, args.out, args.resume, not args.no_progress, args.eval_tasks)
-    result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    result = train(config, args.out, resume=args.resume, progress=not args.no_progress, tensorboard=args.tensorboard)
     if result.rank != 0:  # a distributed run: rank 0 evaluates and writes the files
         return 0
     steps = tuple(sorted({0, 1, 5, 10, config.inner.test_steps}))
@@ -350,6 +357,20 @@ def _cmd_diagnose(args) -> int:
     return 0
 
 
+def _cmd_summary(args) -> int:
+    from hbmeta.evaluation.summary import load_runs, plot_learning_curves, summary_table
+    from hbmeta.training.runs import atomic_write_text
+
+    runs = load_runs(args.runs)
+    table = summary_table(runs)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [atomic_write_text(out / "summary.md", table + "\n"), plot_learning_curves(runs, out / "learning_curves.png")]
+    print("\nwrote " + " and ".join(map(str, written)))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from hbmeta.bench.demo import run_demo
 
@@ -424,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "evaluate": _cmd_evaluate, "demo": _cmd_demo,
                "gradient-study": _cmd_gradient_study, "bench": _cmd_bench, "diagnose": _cmd_diagnose,
-               "calibrate": _cmd_calibrate}[args.command]
+               "calibrate": _cmd_calibrate, "summary": _cmd_summary}[args.command]
     from hbmeta.training.runtime import torch_threads
 
     try:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,20 +16,26 @@ from hbmeta.experiments.registry import get_experiment
 from hbmeta.experiments.resolve import resolve_config
 from hbmeta.training.runs import (TrainResult, build_learner, check_new_run, iteration_generators, open_run_dir,
                                   restore_run, save_run_checkpoint)
+from hbmeta.training.monitor import MetricsLog, adaptation_metrics, monitor_generator, prior_statistics
 from hbmeta.training.runtime import amp_autocast, resolve_device, torch_threads
 from hbmeta.training.scheduled import SchedulerLog, build_scheduler
 from hbmeta.training.schedulers import scheduled_meta_step
 
 __all__ = ["train"]
 
+#: tasks of the monitoring batch adapted at each logged iteration (at most the meta-batch)
+MONITOR_TASKS = 8
+
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, tensorboard: bool = False) -> TrainResult:
     """Meta-train per ``config`` into ``run_dir`` (see :func:`_train`), with ``config.threads`` CPU threads.
 
     ``config``'s unset fields take their defaults (:func:`hbmeta.experiments.resolve_config`); the result's
     ``config`` is the resolved one. Under torchrun (``config.distributed.enabled``, ``.private`` or
     ``WORLD_SIZE > 1``) the tasks of each meta-batch are split over the ranks:
-    :func:`hbmeta.training.distributed.train_distributed`.
+    :func:`hbmeta.training.distributed.train_distributed`. Every ``log_every`` iterations a line of
+    ``metrics.jsonl`` (and with ``tensorboard`` a TensorBoard scalar each) says how the current prior adapts
+    (:mod:`hbmeta.training.monitor`).
     """
     from hbmeta.training.distributed import train_distributed, world_size_from_env
 
@@ -42,11 +47,11 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
     if config.distributed.enabled or config.distributed.private or world_size_from_env() > 1:
         return train_distributed(config, run_dir, resume, progress, stop_after)
     with torch_threads(config.threads if resolve_device(config.device).type == "cpu" else None):
-        return _train(config, run_dir, resume, progress, stop_after)
+        return _train(config, run_dir, resume, progress, stop_after, tensorboard)
 
 
 def _train(config: TrainConfig, run_dir: str | Path, resume: bool, progress: bool,
-           stop_after: int | None) -> TrainResult:
+           stop_after: int | None, tensorboard: bool = False) -> TrainResult:
     """Meta-train per ``config`` into ``run_dir``.
 
     Args:
@@ -64,13 +69,13 @@ def _train(config: TrainConfig, run_dir: str | Path, resume: bool, progress: boo
     else:
         check_new_run(run_dir)
         start = 0
-    metrics_path = open_run_dir(config, run_dir, resume, start)
+    open_run_dir(config, run_dir, resume, start)
     end = config.iterations if stop_after is None else min(config.iterations, start + stop_after)
-    began = time.perf_counter()
+    began, monitoring = time.perf_counter(), 0.0  # seconds logged are training time: monitoring is left out
     bar = tqdm(range(start, end), initial=start, total=config.iterations, disable=not progress,
                desc=f"{config.algorithm} on {config.experiment}", unit="it")
     schedule_log = None if scheduler is None else SchedulerLog(run_dir, start, resume)
-    with metrics_path.open("a") as metrics:
+    with MetricsLog(run_dir, tensorboard) as metrics:
         for it in bar:
             task_gen, noise_gen = iteration_generators(config.seed, it, device)
             with amp_autocast(config.amp, device, config.algorithm):
@@ -83,15 +88,19 @@ def _train(config: TrainConfig, run_dir: str | Path, resume: bool, progress: boo
                     schedule_log.write(it + 1, info, pool)
             done = it + 1
             if done % config.log_every == 0 or done == end:
-                scale = float(learner.prior.scale.detach().mean()) if hasattr(learner.prior, "scale") else float("nan")
-                record = {"iteration": done, "seconds": time.perf_counter() - began, **info, "prior_scale": scale}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                bar.set_postfix(grad=f"{info['grad_norm']:.3g}")
+                now = time.perf_counter()
+                seconds = now - began - monitoring
+                monitor = monitor_generator(config.seed, done)
+                adapted = adaptation_metrics(learner, tasks.sample(min(config.meta_batch, MONITOR_TASKS), monitor),
+                                             monitor)
+                monitoring += time.perf_counter() - now
+                record = {"iteration": done, "seconds": seconds, **info, **adapted, **prior_statistics(learner)}
+                metrics.write(record)
+                bar.set_postfix(query=f"{adapted['query_loss']:.3g}", grad=f"{info['grad_norm']:.3g}")
             if done % config.checkpoint_every == 0 or done == end:
                 save_run_checkpoint(learner, config, done, run_dir, scheduler)
     if start == end:
         save_run_checkpoint(learner, config, end, run_dir, scheduler)
     if schedule_log is not None:
         schedule_log.close(run_dir / "plots" / "scheduler_weights.png")
-    return TrainResult(learner, config, run_dir, time.perf_counter() - began)
+    return TrainResult(learner, config, run_dir, time.perf_counter() - began - monitoring)
