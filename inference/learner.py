@@ -18,6 +18,7 @@ register) beside their meta-gradients; importing this module imports them all.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -99,6 +100,20 @@ def step_prior(prior: Prior, optimizer: torch.optim.Optimizer, grads: dict[str, 
     return float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
 
 
+#: weights beyond which a full-covariance guide's P x P factor per task is worth a warning before it starts
+FULL_COVARIANCE_WARN_PARAMS = 2000
+
+
+def _warn_if_costly(guide: Guide, num_params: int) -> None:
+    """Say what a full-covariance guide on a big net costs before minutes go by without a word."""
+    if getattr(guide, "name", None) == "fullcov" and num_params > FULL_COVARIANCE_WARN_PARAMS:
+        megabytes = 4 * num_params ** 2 / 2 ** 20
+        warnings.warn(f"a full-covariance guide on {num_params} weights holds a {num_params} x {num_params} Cholesky "
+                      f"factor per task ({megabytes:,.0f} MiB each in float32) and costs O(P^3) = "
+                      f"{num_params ** 3:.1e} flops per inner step per task; use guide='lowrank' or 'meanfield' for nets "
+                      f"this size", stacklevel=4)
+
+
 @dataclass
 class MetaLearner:
     """A meta-learner: a hierarchical model, a guide, an algorithm and a meta-optimizer.
@@ -165,6 +180,7 @@ class MetaLearner:
         self.spec.check(self)  # e.g. BMAML needs a ParticlePrior, ABML a diagonal Gaussian one
         if isinstance(self.guide, str):
             self.guide = make_guide(self.guide)
+        _warn_if_costly(self.guide, batched.num_params)
         if self.likelihood.learnable and not self.spec.learns_likelihood:
             learners = ", ".join(n for n, a in ALGORITHMS.items() if a.learns_likelihood)
             raise ValueError(f"a learned likelihood scale is meta-learned by GEM ({learners}) through Fisher's "

@@ -31,6 +31,8 @@ def mlp(in_features: int = 1, hidden: tuple[int, ...] = (40, 40), out_features: 
     return nn.Sequential(*layers)
 
 
+#: dropout layers (random in train mode, which the batched forward cannot vmap and the posterior makes redundant)
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Softplus, nn.Identity)
 
 
@@ -67,6 +69,12 @@ class BatchedNet:
         self.names = [n for n, _ in module.named_parameters()]
         if not self.names:
             raise ValueError(f"{type(module).__name__} has no parameters to put a prior on")
+        dropout = [n or type(m).__name__ for n, m in module.named_modules()
+                   if isinstance(m, _DROPOUT) and m.training and m.p > 0]
+        if dropout:
+            raise ValueError(f"{type(module).__name__} has Dropout in train mode ({', '.join(dropout)}): weights "
+                             f"are drawn from the posterior, so dropout's extra noise has no place in the batched "
+                             f"forward; call net.eval() before building the learner, or remove the Dropout layers")
         self.shapes = [p.shape for _, p in module.named_parameters()]
         self.sizes = [math.prod(s) for s in self.shapes]
         self.num_params = sum(self.sizes)

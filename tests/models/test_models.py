@@ -93,3 +93,18 @@ def test_prior_scale_ceiling_holds_after_meta_steps():
         learner.meta_step(SinusoidTasks().sample(4, gen), gen)
     assert learner.prior.scale.max() <= 0.021 * (1 + 1e-6)
     assert learner.prior.scale.min() < 0.0209  # only the ceiling is enforced: scales below it stay where they are
+
+
+def test_dropout_in_train_mode_is_a_clear_error_and_eval_mode_works():
+    net = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 1))
+    with pytest.raises(ValueError, match=r"Dropout in train mode \(2\).*call net.eval\(\)"):
+        BatchedNet(net)
+    out = BatchedNet(net.eval())(BatchedNet(net.eval()).initial_vector().expand(2, -1), torch.zeros(2, 3, 1))
+    assert out.shape == (2, 3, 1)
+
+
+def test_full_covariance_guide_on_a_big_net_warns_what_it_costs():
+    from hbmeta.inference.learner import MetaLearner
+
+    with pytest.warns(UserWarning, match=r"full-covariance guide on 2561 weights .* MiB each"):
+        MetaLearner(mlp(1, (40, 40, 20), 1), GaussianLikelihood(0.5), guide="fullcov")
