@@ -41,7 +41,7 @@ from hbmeta.models.local_reparam import local_forward, supports_local_noise
 from hbmeta.models.posterior import Posterior
 
 __all__ = ["InnerConfig", "InnerLoopDivergedError", "INNER_METHODS", "fit_posterior", "negative_elbo", "make_optimizer",
-           "NoiseFn", "clip_per_task", "CommonNoise", "standard_normal", "sgd_adapt", "optimizer_adapt"]
+           "NoiseFn", "clip_per_task", "CommonNoise", "standard_normal", "sgd_adapt", "optimizer_adapt", "overrides_model"]
 
 #: inner-update methods (:class:`InnerConfig` ``method``)
 INNER_METHODS = ("gauss-newton", "svi")
@@ -184,7 +184,7 @@ def negative_elbo(
     Differentiable in ``params`` (and in the prior's tensors), so the same function serves the inner SVI and
     the unrolled ELBO-gradient baseline. ``backend="auto"`` takes the analytic fast path where it applies.
     """
-    if backend == "auto" and analytic_kl and prior is not None:
+    if backend == "auto" and analytic_kl and prior is not None and not overrides_model(model):
         fast = _analytic_negative_elbo(model, guide, params, x, y, prior, noise)
         if fast is not None:
             return fast
@@ -198,7 +198,18 @@ def negative_elbo(
             pyro.sample("theta", guide.distribution(params, noise))
 
     with pyro.validation_enabled(False):  # fit_posterior checks for NaN itself
-        return elbo.differentiable_loss(model.model, pyro_guide, x, y, prior, noise)
+        try:
+            return elbo.differentiable_loss(model.model, pyro_guide, x, y, prior, noise)
+        except KeyError as missing:  # the model samples a latent site the guide does not (Pyro's bare KeyError)
+            raise ValueError(f"{type(model).__name__}.model samples latent site {missing} that the guide does not cover: "
+                             f"the inner update fits a posterior over the weights 'theta' only, so every other sample "
+                             f"site must be observed (pyro.sample(..., obs=...)) or a function of theta") from None
+
+
+def overrides_model(model: HierarchicalModel) -> bool:
+    """Whether ``model`` is a subclass with its own :meth:`~hbmeta.models.hierarchical.HierarchicalModel.model`
+    program: then the inner update runs that program through Pyro's ELBO, never the torch fast path."""
+    return type(model).model is not HierarchicalModel.model
 
 
 def _diagonal_normal(prior: dist.TorchDistribution) -> tuple[Tensor, Tensor] | None:
@@ -407,6 +418,10 @@ def fit_posterior(
         with torch.no_grad():
             prior = model.prior.distribution(x.shape[0])
     if config.method == "gauss-newton":
+        if overrides_model(model):
+            raise ValueError(f"{type(model).__name__} overrides HierarchicalModel.model, which the Gauss-Newton inner "
+                             f"update cannot run (it linearises the network under the likelihood's curvature); use "
+                             f"InnerConfig(method='svi'), which runs your model through Pyro's ELBO")
         return _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace, generator)
     params = guide.init_params(start, _whitening_reference(prior, start))
     scale_lr = config.lr if config.scale_lr is None else config.scale_lr
@@ -417,8 +432,10 @@ def fit_posterior(
     draw = noise or standard_normal(generator, start.loc)
     shape = torch.Size((config.num_samples, *start.loc.shape[:-1], guide.noise_size(start.loc.shape[-1])))
     local = (config.estimator == "local" and guide.name == "meanfield" and config.elbo == "auto" and config.analytic_kl
+             and not overrides_model(model)
              and _diagonal_normal(prior) is not None and supports_local_noise(model.net))
-    guard = config.safeguard and guide.name in ("meanfield", "delta") and _diagonal_normal(prior) is not None
+    guard = (config.safeguard and guide.name in ("meanfield", "delta") and _diagonal_normal(prior) is not None
+             and not overrides_model(model))
     if guard:
         merit = _task_objective(model, guide, params, x, y, prior)
     if callback is not None:

@@ -12,6 +12,7 @@ from hbmeta.models.policy import GaussianMLPPolicy
 from hbmeta.models.posterior import Posterior
 from hbmeta.models.prior_factory import PRIORS, make_prior
 from hbmeta.models.priors import DiagonalGaussianPrior, ParticlePrior, Prior
+from hbmeta.models.pyro_likelihood import PyroLikelihood
 
 __all__ = [
     "BatchedNet", "mlp", "Conv4", "Guide", "MeanFieldGuide", "DeltaGuide", "FullCovarianceGuide", "GUIDES",
@@ -19,5 +20,5 @@ __all__ = [
     "HierarchicalModel", "Likelihood", "GaussianLikelihood", "CategoricalLikelihood", "Posterior", "Prior",
     "DiagonalGaussianPrior", "ParticlePrior",
     "LowRankGuide", "LowRankGaussianPrior", "MixtureGaussianPrior", "LaplacePrior", "StudentTPrior", "PRIORS",
-    "make_prior", "GaussianMLPPolicy",
+    "make_prior", "GaussianMLPPolicy", "PyroLikelihood",
 ]

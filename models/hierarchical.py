@@ -48,7 +48,7 @@ class HierarchicalModel:
         with pyro.plate("tasks", num_tasks, dim=-1):
             theta = pyro.sample("theta", prior)
             pred = self.net(theta, x)
-            pyro.sample("obs", self.likelihood.distribution(pred), obs=y)
+            self.likelihood.pyro_model(pred, y)
         return theta
 
     def initial_posterior(self, x: Tensor, y: Tensor) -> Posterior:

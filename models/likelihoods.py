@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,10 @@ class Likelihood(nn.Module):
 
     def distribution(self, pred: Tensor) -> dist.TorchDistribution:
         raise NotImplementedError
+
+    def pyro_model(self, pred: Tensor, y: Tensor | None) -> None:
+        """The observation model as Pyro statements (inside the tasks plate): samples the site ``"obs"``."""
+        pyro.sample("obs", self.distribution(pred), obs=y)
 
     def sample(self, pred: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Observations ``y ~ p(y | f = pred)``, one per entry of ``pred``'s batch (a posterior predictive draw).
