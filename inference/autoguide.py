@@ -25,16 +25,22 @@ generator (reproducible, resumable runs), while autoguides draw from torch's glo
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.infer import TraceMeanField_ELBO
-from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoNormal, init_to_value
+from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoGuide, AutoNormal, init_to_value
 from torch import Tensor
+
+from hbmeta.models.guides import Guide
 
 from hbmeta.models.hierarchical import HierarchicalModel
 from hbmeta.models.posterior import Posterior
 
-__all__ = ["AUTOGUIDES", "fit_autoguide"]
+__all__ = ["AUTOGUIDES", "fit_autoguide", "autoguide_factory", "AutoGuidePerTask", "is_autoguide"]
 
 #: autoguide name -> (class or None, why it does / does not fit a task plate)
 AUTOGUIDES: dict[str, tuple[type | None, str]] = {
@@ -49,8 +55,9 @@ AUTOGUIDES: dict[str, tuple[type | None, str]] = {
 }
 
 
-def fit_autoguide(model: HierarchicalModel, x: Tensor, y: Tensor, autoguide: str = "AutoNormal", steps: int = 100,
-                  lr: float = 0.01, start: Posterior | None = None, num_particles: int = 1) -> Posterior:
+def fit_autoguide(model: HierarchicalModel, x: Tensor, y: Tensor, autoguide: str | Callable = "AutoNormal",
+                  steps: int = 100, lr: float = 0.01, start: Posterior | None = None, num_particles: int = 1,
+                  prior: dist.TorchDistribution | None = None) -> Posterior:
     r"""VI for every task of ``(x, y)`` with a Pyro autoguide in the task plate; returns detached posteriors.
 
     Maximises :math:`\sum_\tau \mathrm{ELBO}_\tau` with Pyro's ``TraceMeanField_ELBO`` and Adam, parameters kept
@@ -60,21 +67,19 @@ def fit_autoguide(model: HierarchicalModel, x: Tensor, y: Tensor, autoguide: str
     Raises:
         ValueError: for an autoguide that does not factorise over tasks (see :data:`AUTOGUIDES`), naming why.
     """
-    if autoguide not in AUTOGUIDES:
-        raise ValueError(f"unknown autoguide {autoguide!r}; choose one of {', '.join(AUTOGUIDES)}")
-    cls, why = AUTOGUIDES[autoguide]
-    if cls is None:
-        raise ValueError(f"{autoguide} does not work per task inside pyro.plate('tasks'): {why}")
+    factory, cls = autoguide_factory(autoguide)
     start = model.initial_posterior(x, y) if start is None else start
     num_tasks = x.shape[0]
 
     def pyro_model(x: Tensor, y: Tensor) -> Tensor:
-        return model.model(x, y)
+        return model.model(x, y, prior)
 
     with pyro.settings.context(module_local_params=True):
         init = init_to_value(values={"theta": start.loc.detach().clone()})
-        kwargs = {} if cls is AutoDelta else {"init_scale": float(start.variance.sqrt().mean().clamp_min(1e-4))}
-        guide = cls(pyro_model, init_loc_fn=init, **kwargs)
+        kwargs = {"init_loc_fn": init}
+        if cls is not AutoDelta and not _sets(factory, "init_scale"):
+            kwargs["init_scale"] = float(start.variance.sqrt().mean().clamp_min(1e-4))
+        guide = factory(pyro_model, **kwargs)
         loss_fn = TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
                                       max_plate_nesting=1)(pyro_model, guide)
         loss_fn(x, y)  # creates the guide's parameters
@@ -85,7 +90,7 @@ def fit_autoguide(model: HierarchicalModel, x: Tensor, y: Tensor, autoguide: str
             loss.backward()
             optimizer.step()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{autoguide} diverged: ELBO {loss.item()}; lower lr (now {lr})")
+            raise FloatingPointError(f"{cls.__name__} diverged: ELBO {loss.item()}; lower lr (now {lr})")
         with torch.no_grad():
             if cls is AutoNormal:
                 return Posterior(guide.locs.theta.detach().clone(), guide.scales.theta.detach().clone())
@@ -93,3 +98,67 @@ def fit_autoguide(model: HierarchicalModel, x: Tensor, y: Tensor, autoguide: str
                 return Posterior(guide.median()["theta"].detach().clone())
             return Posterior(guide.loc.detach().reshape(num_tasks, -1).clone(),
                              guide.scale.detach().reshape(num_tasks, -1).clone())
+
+
+def is_autoguide(guide) -> bool:
+    """Whether ``guide`` is a Pyro autoguide class or a factory of one (``functools.partial(AutoNormal, ...)``)."""
+    func = guide.func if isinstance(guide, functools.partial) else guide
+    return isinstance(func, type) and issubclass(func, AutoGuide)
+
+
+def _sets(factory, keyword: str) -> bool:
+    return isinstance(factory, functools.partial) and keyword in factory.keywords
+
+
+def autoguide_factory(autoguide: str | Callable) -> tuple[Callable, type]:
+    """``(factory, class)`` of an autoguide given by name, class or ``functools.partial``; one that couples the tasks
+    of the plate is refused with the reason (:data:`AUTOGUIDES`)."""
+    if isinstance(autoguide, str):
+        if autoguide not in AUTOGUIDES:
+            raise ValueError(f"unknown autoguide {autoguide!r}; choose one of {', '.join(AUTOGUIDES)}")
+        cls = AUTOGUIDES[autoguide][0]
+        name = autoguide
+        factory = cls
+    elif is_autoguide(autoguide):
+        factory = autoguide
+        cls = autoguide.func if isinstance(autoguide, functools.partial) else autoguide
+        name = cls.__name__
+    else:
+        raise TypeError(f"an autoguide is a name, a pyro.infer.autoguide class or a functools.partial of one; "
+                        f"got {autoguide!r}")
+    per_task = {c for c, _ in AUTOGUIDES.values() if c is not None}
+    if cls not in per_task:
+        why = AUTOGUIDES.get(name, (None, "it is not one of the autoguides known to keep tasks independent "
+                                          f"({', '.join(c.__name__ for c in per_task)})"))[1]
+        raise ValueError(f"{name} does not work per task inside pyro.plate('tasks'): {why}")
+    return factory, cls
+
+
+class AutoGuidePerTask(Guide):
+    """A Pyro autoguide as a :class:`MetaLearner`'s guide: each inner update fits a fresh one in the task plate
+    (:func:`fit_autoguide`, the SVI settings of the inner update: steps, learning rate, Monte-Carlo samples).
+
+    ``MetaLearner(net, guide=AutoNormal)`` or ``guide=functools.partial(AutoNormal, init_scale=0.05)`` (TyXe's
+    convention) builds one. The autoguide is fitted with Adam at ``lr`` (in weight space, unlike the whitened SGD
+    of hbmeta's own guides) for the inner update's ``steps``; its noise comes from torch's global random stream, not
+    the run's generators.
+    """
+
+    stochastic = True
+
+    def __init__(self, autoguide: str | Callable, lr: float = 0.01):
+        self.factory, self.cls = autoguide_factory(autoguide)
+        self.lr = lr
+        self.name = f"auto:{self.cls.__name__}"
+        self.stochastic = self.cls is not AutoDelta
+
+    def fit(self, model: HierarchicalModel, x: Tensor, y: Tensor, start: Posterior,
+            prior: dist.TorchDistribution | None, steps: int, num_samples: int) -> Posterior:
+        return fit_autoguide(model, x, y, self.factory, steps=steps, lr=self.lr, start=start,
+                             num_particles=num_samples, prior=prior)
+
+    def init_params(self, start, reference=None):
+        raise TypeError(f"{self.name} fits its own parameters (AutoGuidePerTask.fit); it has no functional form")
+
+    def __repr__(self) -> str:
+        return f"AutoGuidePerTask({self.cls.__name__})"

@@ -36,6 +36,7 @@ from torch import Tensor
 from hbmeta.inference.errors import InnerLoopDivergedError
 from hbmeta.inference.gauss_newton import gauss_newton_fit
 from hbmeta.models.guides import Guide
+from hbmeta.inference.autoguide import AutoGuidePerTask
 from hbmeta.models.hierarchical import HierarchicalModel
 from hbmeta.models.local_reparam import local_forward, supports_local_noise
 from hbmeta.models.posterior import Posterior
@@ -423,6 +424,11 @@ def fit_posterior(
                              f"update cannot run (it linearises the network under the likelihood's curvature); use "
                              f"InnerConfig(method='svi'), which runs your model through Pyro's ELBO")
         return _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace, generator)
+    if isinstance(guide, AutoGuidePerTask):  # a Pyro autoguide, fitted by Pyro's SVI in the task plate
+        posterior = guide.fit(model, x, y, start, prior, steps, config.num_samples)
+        if callback is not None:
+            callback(steps, posterior)
+        return posterior
     params = guide.init_params(start, _whitening_reference(prior, start))
     scale_lr = config.lr if config.scale_lr is None else config.scale_lr
     location = [p for n, p in params.items() if n in ("loc", "z")]

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 # The built-in algorithms register themselves on import, in the registry's order (gem-bml, gem-bml+, abml, maml,
 # fomaml, reptile, pretrain, imaml, bmaml; hbmeta.inference.__init__ imports them first, in this order).
 from hbmeta.inference.algorithm import ALGORITHMS, Algorithm, PriorDefaults, get_algorithm, register_algorithm
+from hbmeta.inference.autoguide import AUTOGUIDES, AutoGuidePerTask, is_autoguide
 from hbmeta.inference.batch import TaskBatch, check_task_data
 import hbmeta.inference.bmaml  # noqa: F401  (bmaml)
 import hbmeta.inference.elbo_gradient  # noqa: F401  (abml)
@@ -160,7 +161,7 @@ class MetaLearner:
         self.algorithm = self.spec.name
         if self.inner is None:
             diagonal = self.prior is None or self.prior == "diagonal" or isinstance(self.prior, DiagonalGaussianPrior)
-            guide = self.guide if isinstance(self.guide, str) else self.guide.name
+            guide = self.guide if isinstance(self.guide, str) else getattr(self.guide, "name", "autoguide")
             self.inner = self.spec.default_inner(diagonal and self.likelihood.has_curvature
                                                  and guide in GAUSS_NEWTON_GUIDES)
         defaults = self.spec.prior_defaults(self.inner.method)
@@ -178,7 +179,9 @@ class MetaLearner:
         if self.prior is None:  # a diagonal Gaussian around the net (BMAML: inner.num_samples particles)
             self.prior = self.spec.default_prior(self, batched)
         self.spec.check(self)  # e.g. BMAML needs a ParticlePrior, ABML a diagonal Gaussian one
-        if isinstance(self.guide, str):
+        if is_autoguide(self.guide) or (isinstance(self.guide, str) and self.guide in AUTOGUIDES):
+            self.guide = AutoGuidePerTask(self.guide)  # MetaLearner(net, guide=AutoNormal), TyXe's convention
+        elif isinstance(self.guide, str):
             self.guide = make_guide(self.guide)
         _warn_if_costly(self.guide, batched.num_params)
         if self.likelihood.learnable and not self.spec.learns_likelihood:
