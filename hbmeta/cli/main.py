@@ -160,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, 600, "test tasks (the same for every run)",
                      "folder for calibration.json and reliability.png (default: calibration/ beside the first run)")
 
+    p = sub.add_parser("compare", help="az.compare (LOO / WAIC) of runs on the same held-out tasks",
+                       formatter_class=_Help)
+    p.add_argument("runs", nargs="+", help="run folders of one experiment")
+    p.add_argument("--ic", default="loo", choices=["loo", "waic"], help="information criterion")
+    p.add_argument("--samples", type=int, default=100, help="posterior draws per run (a multiple of 4)")
+    _add_run_options(p, 20, "test tasks (the same for every run)",
+                     "folder for compare.csv and compare.png (default: compare/ beside the first run)")
+
     p = sub.add_parser("summary", help="finished runs side by side: a table of where they ended and learning curves",
                        formatter_class=_Help)
     p.add_argument("runs", nargs="+", help="run folders")
@@ -357,6 +365,19 @@ def _cmd_diagnose(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from hbmeta.evaluation.diagnostics import compare_runs
+
+    out = Path(args.out) if args.out is not None else _run_folder(args.runs[0]).parent / "compare"
+    report = compare_runs(args.runs, out, num_tasks=args.tasks, seed=args.seed, device=args.device,
+                          num_samples=args.samples, ic=args.ic)
+    columns = [c for c in ("rank", f"elpd_{args.ic}", f"p_{args.ic}", "elpd_diff", "dse", "weight") if c in report["table"]]
+    print(report["table"][columns].to_string(float_format=lambda v: f"{v:.3f}"))
+    for path in report["files"]:
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_summary(args) -> int:
     from hbmeta.evaluation.summary import load_runs, plot_learning_curves, summary_table
     from hbmeta.training.runs import atomic_write_text
@@ -445,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "evaluate": _cmd_evaluate, "demo": _cmd_demo,
                "gradient-study": _cmd_gradient_study, "bench": _cmd_bench, "diagnose": _cmd_diagnose,
-               "calibrate": _cmd_calibrate, "summary": _cmd_summary}[args.command]
+               "calibrate": _cmd_calibrate, "summary": _cmd_summary,
+               "compare": _cmd_compare}[args.command]
     from hbmeta.training.runtime import torch_threads
 
     try:

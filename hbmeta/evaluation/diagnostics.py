@@ -20,9 +20,14 @@ so the plain PIT of each query point under the posterior predictive is already o
 importance reweighting would treat the query points as if they had been conditioned on.
 
 Pseudo-chains: the posterior is variational, so there is no Markov chain to diagnose. ``num_samples``
-independent guide draws are split into ``chains`` (default 4) pseudo-chains so that ``az.summary`` reports
-``r_hat`` / ``ess``: for i.i.d. draws these should read ~1 and ~``num_samples``; anything else flags a bug
-(e.g. a sampler that ignores its generator), not non-convergence of VI.
+independent guide draws are split into ``chains`` (default 4) pseudo-chains because ArviZ expects a ``chain``
+dimension; ``r_hat`` and ESS of i.i.d. draws are ~1 and ~``num_samples`` by construction and say nothing about VI,
+so ``summary.csv`` holds only the posterior statistics (``az.summary(kind="stats")``).
+
+Groups: ``posterior``, ``prior`` (draws of the learned prior, for prior-vs-posterior comparisons),
+``posterior_predictive``, ``observed_data``, ``log_likelihood`` (pointwise ``log p(y_m | theta_s)`` of every query
+point, which :func:`compare_runs` hands to ``az.compare``) and ``constant_data``; weights are labelled by layer
+(``"0.weight[3,0]"``) and, for 1-D inputs, query points carry their ``x`` as a ``(task, point)`` coordinate.
 
 ArviZ version: written against ArviZ 0.23 (``az.from_dict``, ``az.summary``, ``az.plot_ppc``,
 ``az.plot_bpv``, ``az.plot_forest``, ``InferenceData.to_netcdf``). ArviZ 1.x replaces ``InferenceData`` with
@@ -51,6 +56,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -64,7 +70,8 @@ from hbmeta.models.functional import BatchedNet  # noqa: E402
 from hbmeta.models.likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood  # noqa: E402
 from hbmeta.models.posterior import Posterior  # noqa: E402
 
-__all__ = ["posterior_to_arviz", "diagnostic_plots", "diagnose", "diagnose_run", "weight_indices", "likelihood_kind"]
+__all__ = ["posterior_to_arviz", "diagnostic_plots", "diagnose", "diagnose_run", "weight_indices", "likelihood_kind",
+           "compare_runs", "pointwise_log_likelihood", "plot_prior_vs_posterior"]
 
 WeightSpec = int | str | tuple[str, object]
 #: posterior draws pushed through the network at once (bounds memory for conv nets on image tasks)
@@ -207,6 +214,8 @@ def posterior_to_arviz(learner: MetaLearner, posterior: Posterior, x_support: Te
         f_dims, y_dims = ["task", "point", "class"], ["task", "point"]
     flat, labels = weight_indices(learner.model.net, weights)
     T = posterior.num_tasks
+    log_lik = pointwise_log_likelihood(learner, f, y_query.to(device))                   # [S, T, M]
+    prior_theta = _prior_draws(learner, T, num_samples, generator)                       # [S, T, P] or None
     if include_inputs is None:
         include_inputs = math.prod(x_query.shape[2:]) <= 16
     constant = {"y_support": y_support.cpu().numpy()}
@@ -224,14 +233,43 @@ def posterior_to_arviz(learner: MetaLearner, posterior: Posterior, x_support: Te
         attrs["hbmeta_noise_scale"] = learner.likelihood.noise_scale
     with warnings.catch_warnings():  # arrays are (chain, draw, ...) by construction; few draws are fine
         warnings.filterwarnings("ignore", message="More chains .* than draws", category=UserWarning)
-        idata = az.from_dict(
-            posterior={"theta": _draws(theta[..., flat], chains), "f": _draws(f, chains)},
-            posterior_predictive={"y": _draws(y_rep, chains)},
-            observed_data={"y": y_query.cpu().numpy()},
-            constant_data=constant, coords=coords, dims=dims)
+        groups = {"posterior": {"theta": _draws(theta[..., flat], chains), "f": _draws(f, chains)},
+                  "posterior_predictive": {"y": _draws(y_rep, chains)},
+                  "observed_data": {"y": y_query.cpu().numpy()}}
+        if prior_theta is not None:
+            groups["prior"] = {"theta": _draws(prior_theta[..., flat], chains)}
+        idata = az.from_dict(**groups, constant_data=constant, coords=coords, dims=dims)
+        idata.extend(az.from_dict(log_likelihood={"y": _draws(log_lik.double(), chains)}, coords=coords,
+                                  dims={"y": ["task", "point"]}))  # pointwise, for az.loo / az.waic / az.compare
+    if x_query.shape[2:].numel() == 1:  # 1-D inputs: the query points' x as a coordinate of (task, point)
+        x_values = x_query.reshape(T, -1).cpu().numpy()
+        for group in ("posterior", "posterior_predictive", "observed_data", "log_likelihood"):
+            idata[group].coords["x"] = (("task", "point"), x_values)
     for group in idata.groups():  # from_dict(attrs=...) reaches only the data groups in arviz 0.23
         idata[group].attrs.update(attrs)
     return idata
+
+
+def pointwise_log_likelihood(learner: MetaLearner, f: Tensor, y: Tensor) -> Tensor:
+    """``log p(y_m | f_m)`` of every query point: ``f [S, T, M, ...]``, ``y [T, M, ...]`` -> ``[S, T, M]``.
+
+    Each point is scored on its own by the likelihood (any :class:`~hbmeta.models.likelihoods.Likelihood`, Pyro
+    programs included): the ``log_likelihood`` group that ``az.loo`` / ``az.waic`` / ``az.compare`` read."""
+    S, T, M = f.shape[:3]
+    per_point = learner.likelihood.log_prob(f.reshape(S, T * M, 1, *f.shape[3:]), y.reshape(T * M, 1, *y.shape[2:]))
+    return per_point.reshape(S, T, M)
+
+
+def _prior_draws(learner: MetaLearner, num_tasks: int, num_samples: int,
+                 generator: torch.Generator | None) -> Tensor | None:
+    """``[S, T, P]`` draws of the learned prior (the ``prior`` group); ``None`` for a prior without a density."""
+    try:
+        start = learner.prior.initial_posterior(num_tasks)
+    except (NotImplementedError, ValueError):
+        return None
+    if start.kind not in ("meanfield", "full", "delta"):
+        return None
+    return start.to(learner.device).sample(num_samples, generator)
 
 
 # ------------------------------------------------------------------------------------------------- plots
@@ -304,16 +342,20 @@ def diagnostic_plots(idata, out_dir: str | Path, kind: str | None = None, calibr
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     name = idata.posterior.attrs.get("hbmeta_algorithm", "posterior predictive")
-    delta = idata.posterior.attrs.get("hbmeta_posterior") == "delta"
     with _quiet_plotting():
         if kind == "regression":
+            draws = idata.posterior_predictive.sizes["chain"] * idata.posterior_predictive.sizes["draw"]
             axes = np.atleast_1d(az.plot_ppc(idata, var_names=["y"], flatten=["point", "output"],
-                                             num_pp_samples=num_pp_samples, random_seed=0))
+                                             num_pp_samples=min(num_pp_samples, draws), random_seed=0))
             for ax, t in zip(axes.ravel(), idata.observed_data["task"].values):
-                ax.set_title(f"task {int(t)}", fontsize=10)
+                ax.set_title(f"task {int(t)}: posterior predictive check", fontsize=10)
+                ax.set_xlabel("y at the query points")
+                ax.set_ylabel("density")
             paths.append(_save(axes.ravel()[0].figure, out / "ppc.png"))
             ax = np.atleast_1d(az.plot_bpv(idata, kind="u_value", var_names=["y"])).ravel()[0]
             ax.set_title("PIT of query points (u-value) vs U(0, 1)", fontsize=10)
+            ax.set_xlabel("u = P(Y <= y | support set)")
+            ax.set_ylabel("density")
             paths.append(_save(ax.figure, out / "pit.png"))
         else:
             paths.append(_class_count_ppc(idata, out / "ppc_class_counts.png"))
@@ -323,11 +365,46 @@ def diagnostic_plots(idata, out_dir: str | Path, kind: str | None = None, calibr
             paths.append(reliability_diagram({name: calibration}, out / "reliability.png"))
         axes = np.atleast_1d(az.plot_forest(idata, var_names=["theta"], combined=True, hdi_prob=0.9))
         axes.ravel()[0].set_title(f"{name}: chosen weights (90% HDI)", fontsize=10)
+        axes.ravel()[0].set_xlabel("weight value")
         paths.append(_save(axes.ravel()[0].figure, out / "posterior_forest.png"))
-    summary = az.summary(idata, var_names=["theta"], kind="stats" if delta else "all")
+    if "prior" in idata.groups():
+        paths.append(plot_prior_vs_posterior(idata, out / "prior_vs_posterior.png"))
+    summary = az.summary(idata, var_names=["theta"], kind="stats")  # r_hat / ESS of i.i.d. draws mean nothing
     summary.to_csv(out / "summary.csv")
     paths.append(out / "summary.csv")
     return paths
+
+
+def plot_prior_vs_posterior(idata, path: str | Path) -> Path:
+    """One panel per layer: each chosen weight's posterior sd against its learned prior sd (log-log; below the
+    diagonal the task's data shrank the uncertainty), coloured by how far the posterior mean moved from the
+    prior mean in prior sds."""
+    prior = idata.prior["theta"].values.reshape(-1, *idata.prior["theta"].shape[2:])          # [draws, task, weight]
+    post = idata.posterior["theta"].values.reshape(-1, *idata.posterior["theta"].shape[2:])
+    labels = [str(w) for w in idata.posterior["weight"].values]
+    layers = list(dict.fromkeys(label.split("[")[0] for label in labels))
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.0 * len(layers), 3.6), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        cols = [i for i, label in enumerate(labels) if label.split("[")[0] == layer]
+        prior_sd, post_sd = prior[:, :, cols].std(0), post[:, :, cols].std(0)                # [task, weights]
+        shift = np.abs(post[:, :, cols].mean(0) - prior[:, :, cols].mean(0)) / np.maximum(prior_sd, 1e-12)
+        points = ax.scatter(prior_sd.ravel(), np.maximum(post_sd.ravel(), 1e-12), c=shift.ravel(), cmap="viridis",
+                            s=18)
+        low = max(min(prior_sd.min(), post_sd.min()), 1e-6) * 0.8
+        high = max(prior_sd.max(), post_sd.max()) * 1.25
+        ax.plot([low, high], [low, high], "k--", lw=0.8, label="posterior sd = prior sd")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # major (decade) labels only: minor ones collide on short ranges
+            axis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("prior sd (learned)")
+        ax.set_ylabel("posterior sd after adaptation")
+        ax.set_title(f"{layer}: {len(cols)} weights x {prior_sd.shape[0]} tasks", fontsize=10)
+        fig.colorbar(points, ax=ax, label="|posterior mean - prior mean| / prior sd")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{idata.posterior.attrs.get('hbmeta_algorithm', '')}: prior vs posterior per layer", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, Path(path))
 
 
 # ------------------------------------------------------------------------------------------ one-line API
@@ -469,3 +546,55 @@ def diagnose_run(run_dir: str | Path, out_dir: str | Path | None = None, num_tas
     with torch_threads(threads):
         return diagnose(learner, batch, base / "diagnostics" if out_dir is None else out_dir,
                         steps=config.inner.test_steps if steps is None else steps, seed=seed, info=info)
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, num_tasks: int = 20, seed: int = 12345,
+                 device: str = "cpu", num_samples: int = 100, ic: str = "loo") -> dict:
+    """``az.compare`` (LOO or WAIC) of runs on the SAME held-out tasks: ``hbmeta compare RUN_A RUN_B``.
+
+    Each run adapts to the support sets of ``num_tasks`` test tasks of the first run's experiment (seeded by
+    ``seed``) with its own ``test_steps``; the pointwise log-likelihood of every query point under ``num_samples``
+    posterior draws (:func:`pointwise_log_likelihood`) goes to ``az.compare``. The query points are held out, so
+    ``elpd`` is a held-out predictive score; LOO's importance weights then only correct for the draws' noise. A
+    point-estimate run (MAML) has one distinct draw, so its ``p_loo`` is 0. Writes ``compare.csv`` and
+    ``compare.png`` (``az.plot_compare``) into ``out_dir``.
+    """
+    from hbmeta.experiments.registry import get_experiment
+    from hbmeta.training.runs import load_learner
+
+    az = _arviz()
+    if len(run_dirs) < 2:
+        raise ValueError(f"compare needs at least two runs; got {len(run_dirs)}")
+    if ic not in ("loo", "waic"):
+        raise ValueError(f"ic must be 'loo' or 'waic'; got {ic!r}")
+    loaded = {}
+    for run in run_dirs:
+        learner, config, _ = load_learner(run, device)
+        name = Path(run).name if Path(run).is_dir() else Path(run).parent.name
+        loaded[name if name not in loaded else str(run)] = (learner, config)
+    configs = [c for _, c in loaded.values()]
+    shape = {(c.experiment, c.ways if get_experiment(c.experiment).metric == "accuracy" else None, c.k_shot, c.k_query)
+             for c in configs}
+    if len(shape) > 1:
+        raise ValueError(f"runs differ in experiment / ways / shots / queries {sorted(map(str, shape))}; compare runs "
+                         f"of one task distribution")
+    batch = get_experiment(configs[0].experiment).test_tasks(configs[0]).sample(num_tasks,
+                                                                              torch.Generator().manual_seed(seed))
+    datasets = {}
+    for name, (learner, config) in loaded.items():
+        gen = torch.Generator(device=learner.device).manual_seed(seed)
+        posterior = learner.adapt(batch.x_train, batch.y_train, steps=config.inner.test_steps, generator=gen)
+        datasets[name] = posterior_to_arviz(learner, posterior, batch.x_train, batch.y_train, batch.x_val, batch.y_val,
+                                            num_samples=num_samples, generator=gen, include_inputs=False)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # point-estimate runs: identical draws, Pareto k undefined
+        warnings.simplefilter("ignore")
+        table = az.compare(datasets, ic=ic)
+        table.to_csv(out / "compare.csv")
+        with _quiet_plotting():
+            ax = np.atleast_1d(az.plot_compare(table, insample_dev=False)).ravel()[0]
+            ax.set_title(f"{ic.upper()} on {num_tasks} x {batch.x_val.shape[1]} held-out query points", fontsize=10)
+            ax.set_xlabel(f"elpd ({ic}, log score; higher is better)")
+            _save(ax.figure, out / "compare.png")
+    return {"table": table, "files": [str(out / "compare.csv"), str(out / "compare.png")], "datasets": datasets}
