@@ -343,8 +343,9 @@ def diagnosis_summary(report: dict) -> str:
         lines.append(f"  accuracy {100 * m['accuracy']:.2f} ± {100 * m['accuracy_ci95']:.2f} %, ECE {m['ece']:.4f}, "
                      f"MCE {m['mce']:.4f} ({m['num_bins']} bins), NLL {m['nll']:.4f}")
     if "mse" in m:
+        noise = f" (noise sd {m['noise_scale']:.3g})" if m.get("noise_scale") is not None else ""
         lines.append(f"  query MSE {m['mse']:.4f} ± {m['mse_ci95']:.4f}, log predictive density "
-                     f"{m['log_predictive_density']:.3f} per point (noise sd {m['noise_scale']:.3g})")
+                     f"{m['log_predictive_density']:.3f} per point{noise}")
     if "pit" in m:
         pit = m["pit"]
         lines.append(f"  predictive intervals hold {100 * pit['coverage_50']:.0f}% of points at 50% and "

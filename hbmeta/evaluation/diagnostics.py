@@ -69,6 +69,7 @@ from hbmeta.inference.learner import MetaLearner  # noqa: E402
 from hbmeta.models.functional import BatchedNet  # noqa: E402
 from hbmeta.models.likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood  # noqa: E402
 from hbmeta.models.posterior import Posterior  # noqa: E402
+from hbmeta.models.pyro_likelihood import PyroLikelihood  # noqa: E402
 
 __all__ = ["posterior_to_arviz", "diagnostic_plots", "diagnose", "diagnose_run", "weight_indices", "likelihood_kind",
            "compare_runs", "pointwise_log_likelihood", "plot_prior_vs_posterior"]
@@ -98,12 +99,14 @@ def _quiet_plotting():
 
 
 def likelihood_kind(likelihood: Likelihood) -> str:
-    """``"regression"`` for a :class:`GaussianLikelihood`, ``"classification"`` for a :class:`CategoricalLikelihood`."""
-    if isinstance(likelihood, GaussianLikelihood):
-        return "regression"
+    """``"classification"`` for a :class:`CategoricalLikelihood`; ``"regression"`` for a :class:`GaussianLikelihood`
+    or a real-valued Pyro program (:class:`~hbmeta.models.pyro_likelihood.PyroLikelihood`)."""
     if isinstance(likelihood, CategoricalLikelihood):
         return "classification"
-    raise TypeError(f"diagnostics support GaussianLikelihood and CategoricalLikelihood; got {likelihood!r}")
+    if isinstance(likelihood, (GaussianLikelihood, PyroLikelihood)):
+        return "regression"
+    raise TypeError(f"diagnostics support GaussianLikelihood, CategoricalLikelihood and PyroLikelihood (real-valued "
+                    f"observations); got {likelihood!r}")
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -205,8 +208,7 @@ def posterior_to_arviz(learner: MetaLearner, posterior: Posterior, x_support: Te
     x_dev = x_query.to(device)
     f = torch.cat([learner.model.net(t, x_dev) for t in theta.split(_SAMPLE_CHUNK)])  # [S, T, M, out]
     if kind == "regression":
-        noise = torch.randn(f.shape, generator=generator, device=device, dtype=f.dtype)
-        y_rep = f + learner.likelihood.noise_scale * noise
+        y_rep = learner.likelihood.sample(f, generator)  # observations through the likelihood
         f_dims, y_dims = ["task", "point", "output"], ["task", "point", "output"]
     else:
         probs = torch.softmax(f, -1)
@@ -229,7 +231,7 @@ def posterior_to_arviz(learner: MetaLearner, posterior: Posterior, x_support: Te
     attrs = {"hbmeta_algorithm": learner.algorithm, "hbmeta_kind": kind, "hbmeta_posterior": posterior.kind,
              "hbmeta_likelihood": repr(learner.likelihood),
              "hbmeta_chains": f"{chains} pseudo-chains of i.i.d. variational draws, not MCMC"}
-    if kind == "regression":
+    if kind == "regression" and hasattr(learner.likelihood, "noise_scale"):
         attrs["hbmeta_noise_scale"] = learner.likelihood.noise_scale
     with warnings.catch_warnings():  # arrays are (chain, draw, ...) by construction; few draws are fine
         warnings.filterwarnings("ignore", message="More chains .* than draws", category=UserWarning)
@@ -414,11 +416,16 @@ def _chunk_outputs(learner: MetaLearner, posterior: Posterior, part: TaskBatch, 
     y = part.y_val.to(learner.device)
     if kind == "classification":
         return {"probs": predictive_probabilities(learner, posterior, part.x_val, num_samples, generator).cpu()}
-    f = learner.predict(posterior, part.x_val, num_samples, generator).samples              # [S, T, M, out]
-    sigma = learner.likelihood.noise_scale
-    log_p = torch.distributions.Normal(f, sigma).log_prob(y)
-    return {"pit": gaussian_mixture_pit(y, f, sigma).cpu(),
-            "squared_error": (f.mean(0) - y).pow(2).flatten(1).mean(1).cpu(),
+    pred = learner.predict(posterior, part.x_val, num_samples, generator)
+    f = pred.samples                                                                        # [S, T, M, out]
+    if isinstance(learner.likelihood, GaussianLikelihood):  # the predictive's CDF in closed form
+        sigma = learner.likelihood.noise_scale
+        log_p = torch.distributions.Normal(f, sigma).log_prob(y)
+        pit = gaussian_mixture_pit(y, f, sigma)
+    else:  # any other observation model: the PIT from draws of y, the density point by point
+        log_p = pointwise_log_likelihood(learner, f, y)
+        pit = (pred.observed <= y).double().mean(0)
+    return {"pit": pit.cpu(), "squared_error": (f.mean(0) - y).pow(2).flatten(1).mean(1).cpu(),
             "log_predictive": (torch.logsumexp(log_p, 0) - math.log(f.shape[0])).cpu()}
 
 
@@ -497,7 +504,7 @@ def diagnose(learner: MetaLearner, tasks_batch: TaskBatch, out_dir: str | Path, 
             parts.setdefault(name, []).append(value)
         if start < num_shown:
             shown_posteriors.append(posterior.select(slice(0, num_shown - start)))
-    noise_scale = learner.likelihood.noise_scale if kind == "regression" else None
+    noise_scale = getattr(learner.likelihood, "noise_scale", None) if kind == "regression" else None
     outputs = {k: torch.cat(v) for k, v in parts.items()}
     metrics, calib = _summarize(outputs, tasks_batch.y_val, kind, num_bins, noise_scale)
     shown = tasks_batch.select(slice(0, num_shown))
