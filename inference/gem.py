@@ -29,11 +29,13 @@ from hbmeta.models.posterior import Posterior
 from hbmeta.models.priors import Prior
 
 __all__ = ["gem_gradient", "mc_gem_gradient", "gem_bml_gradient", "gem_plus_gradient", "gem_plus_posteriors",
-           "likelihood_gem_gradient", "GEM_PLUS_MODES", "LIKELIHOOD_PREFIX", "GEMAlgorithm", "GEMBML", "GEMBMLPlus",
+           "likelihood_gem_gradient", "shared_gem_gradient", "GEM_PLUS_MODES", "LIKELIHOOD_PREFIX", "SHARED_PREFIX", "GEMAlgorithm", "GEMBML", "GEMBMLPlus",
            "GEM_BML", "GEM_BML_PLUS"]
 
 #: per-task gradients of the likelihood's own parameters are keyed ``"likelihood.<name>"``
 LIKELIHOOD_PREFIX = "likelihood."
+#: key prefix of the network's hidden (shared, point-estimate) parameters in a meta-gradient
+SHARED_PREFIX = "net."
 
 #: how GEM-BML+ fits q2 on D_tr u D_val (:func:`gem_plus_posteriors`)
 GEM_PLUS_MODES = ("sequential", "joint", "restart")
@@ -99,6 +101,37 @@ def likelihood_gem_gradient(model: HierarchicalModel, posterior: Posterior, x: T
     return {LIKELIHOOD_PREFIX + n: g for n, g in grads.items()}
 
 
+def shared_gem_gradient(model: HierarchicalModel, posterior: Posterior, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    r"""GEM gradient of the network's hidden parameters ``phi`` (kept out of the prior, shared by the tasks).
+
+    Fisher's identity again: :math:`\nabla_\phi \log p(D; \Theta, \phi) = \mathbb{E}_{p(\theta \mid D)}
+    \nabla_\phi \log p(D \mid \theta, \phi)`, with the expectation as for the likelihood's parameters: under the
+    network linearised at the posterior mean, :math:`\nabla_\phi\, \mathbb{E}_{f \sim N(f(x; m, \phi),\, J \Sigma
+    J^\top)} \log p(D \mid f)` (the covariance held fixed), or at the posterior mean for a likelihood without a
+    Gauss-Newton curvature. Exact for a model linear in ``theta`` with ``phi`` an output offset (tested against the
+    exact marginal likelihood). Returns ``{"net.<name>": [T, *shape]}``: ``T`` equal rows, the batch's gradient over
+    ``T``, so that their mean (what the meta-step takes, as for the prior's per-task rows) is the per-task average;
+    empty when nothing is hidden.
+    """
+    hidden = model.net.hidden
+    if not hidden:
+        return {}
+    loc = posterior.loc.detach()
+    with torch.enable_grad():
+        if model.likelihood.has_curvature:
+            from hbmeta.models.jacobian import output_jacobian
+
+            with torch.no_grad():
+                _, jac = output_jacobian(model.net, loc, x)
+                cov = posterior.detach().function_covariance(jac)
+            objective = model.likelihood.expected_log_prob(model.net(loc.unsqueeze(0), x)[0], cov, y).sum()
+        else:
+            objective = model.log_likelihood(loc.unsqueeze(0), x, y).sum()
+        grads = torch.autograd.grad(objective, list(hidden.values()))
+    num_tasks = loc.shape[0]
+    return {SHARED_PREFIX + n: (g / num_tasks).expand(num_tasks, *g.shape) for n, g in zip(hidden, grads)}
+
+
 def gem_bml_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, config: InnerConfig,
                      generator: torch.Generator | None = None, closed_form: bool = True, noise: NoiseFn | None = None
                      ) -> tuple[dict[str, Tensor], Posterior]:
@@ -112,7 +145,7 @@ def gem_bml_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, c
     post = fit_posterior(model, guide, x, y, model.initial_posterior(x, y), config=config,
                          generator=generator, noise=noise)
     grads = gem_gradient(model.prior, post, closed_form, generator=generator)
-    return {**grads, **likelihood_gem_gradient(model, post, x, y)}, post
+    return {**grads, **likelihood_gem_gradient(model, post, x, y), **shared_gem_gradient(model, post, x, y)}, post
 
 
 def gem_plus_posteriors(model: HierarchicalModel, guide: Guide, batch: TaskBatch, config: InnerConfig,
@@ -164,6 +197,9 @@ def gem_plus_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, 
     if model.likelihood.learnable:  # the same difference for the likelihood's parameters
         g2.update(likelihood_gem_gradient(model, q2, *batch.joint()))
         g1.update(likelihood_gem_gradient(model, q1, batch.x_train, batch.y_train))
+    if model.net.hidden:  # and for the network's hidden (shared) parameters
+        g2.update(shared_gem_gradient(model, q2, *batch.joint()))
+        g1.update(shared_gem_gradient(model, q1, batch.x_train, batch.y_train))
     return {n: g2[n] - g1[n] for n in g2}, q1
 
 

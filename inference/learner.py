@@ -32,7 +32,7 @@ from hbmeta.inference.batch import TaskBatch, check_task_data
 import hbmeta.inference.bmaml  # noqa: F401  (bmaml)
 import hbmeta.inference.elbo_gradient  # noqa: F401  (abml)
 import hbmeta.inference.gem  # noqa: F401  (registers gem-bml, gem-bml+)
-from hbmeta.inference.gem import GEM_PLUS_MODES, LIKELIHOOD_PREFIX
+from hbmeta.inference.gem import GEM_PLUS_MODES, LIKELIHOOD_PREFIX, SHARED_PREFIX
 import hbmeta.inference.imaml  # noqa: F401  (imaml)
 from hbmeta.inference.inner import InnerConfig, make_optimizer
 import hbmeta.inference.maml  # noqa: F401  (maml, fomaml)
@@ -81,10 +81,11 @@ def prior_defaults(algorithm: str, inner_method: str) -> PriorDefaults:
 
 
 def step_prior(prior: Prior, optimizer: torch.optim.Optimizer, grads: dict[str, Tensor], context: str,
-               likelihood: Likelihood | None = None) -> float:
+               likelihood: Likelihood | None = None, shared: dict[str, Tensor] | None = None) -> float:
     """Hand ``grads`` (descent direction of the meta-loss) to the meta-optimizer, project the prior; the grad norm.
 
-    Keys are the prior's parameter names, or ``"likelihood.<name>"`` for the likelihood's learned parameters.
+    Keys are the prior's parameter names, ``"likelihood.<name>"`` for the likelihood's learned parameters and
+    ``"net.<name>"`` for the network's hidden (``shared``) ones.
     A NaN / inf gradient raises a ``FloatingPointError`` that names the parameters and ``context``.
     """
     if not torch.isfinite(sum(g.sum() for g in grads.values())):
@@ -94,6 +95,7 @@ def step_prior(prior: Prior, optimizer: torch.optim.Optimizer, grads: dict[str, 
     params = dict(prior.named_parameters())
     if likelihood is not None:
         params.update({LIKELIHOOD_PREFIX + n: p for n, p in likelihood.named_parameters()})
+    params.update({SHARED_PREFIX + n: p for n, p in (shared or {}).items()})
     for name, g in grads.items():
         params[name].grad = g.detach()
     optimizer.step()
@@ -154,6 +156,7 @@ class MetaLearner:
     closed_form: bool = True
     prior_scale: float | None = None
     max_prior_scale: float | None | str = "auto"
+    hide: tuple = ()
     iteration: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -169,7 +172,13 @@ class MetaLearner:
             self.gem_plus_mode = defaults.gem_plus_mode
         if self.gem_plus_mode not in GEM_PLUS_MODES:
             raise ValueError(f"unknown gem_plus_mode {self.gem_plus_mode!r}; choose one of {', '.join(GEM_PLUS_MODES)}")
-        batched = self.net if isinstance(self.net, BatchedNet) else BatchedNet(self.net)
+        if self.hide and isinstance(self.net, BatchedNet):
+            raise ValueError("give hide= to BatchedNet(module, hide=...) or to MetaLearner with a plain nn.Module, not both")
+        batched = self.net if isinstance(self.net, BatchedNet) else BatchedNet(self.net, hide=self.hide)
+        if batched.hidden and not self.spec.learns_likelihood:
+            raise ValueError(f"hidden parameters {list(batched.hidden)} are meta-learned as point estimates by GEM's "
+                             f"Fisher identity (gem-bml, gem-bml+); {self.algorithm!r} does not learn them: put them "
+                             f"under the prior (hide=()) or use a GEM algorithm")
         if self.prior_scale is None:
             self.prior_scale = defaults.prior_scale
         if self.max_prior_scale == "auto":
@@ -193,8 +202,10 @@ class MetaLearner:
 
     # ----------------------------------------------------------------------------------------- meta-train
     def meta_parameters(self) -> list[Tensor]:
-        """What the meta-optimizer moves: the prior's hyperparameters and the likelihood's learned ones."""
-        return list(self.prior.parameters()) + [p for p in self.likelihood.parameters() if p.requires_grad]
+        """What the meta-optimizer moves: the prior's hyperparameters, the likelihood's learned ones and the network's
+        hidden (shared) parameters."""
+        return (list(self.prior.parameters()) + [p for p in self.likelihood.parameters() if p.requires_grad]
+                + list(self.model.net.hidden.values()))
 
     def meta_gradient(self, batch: TaskBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """The meta-loss gradient ``{name: grad}`` (descent direction, averaged over the batch's tasks).
@@ -215,7 +226,8 @@ class MetaLearner:
         the ranks of a distributed run, :mod:`hbmeta.training.distributed`) takes exactly the same update.
         """
         norm = step_prior(self.prior, self.optimizer, grads,
-                          f"at iteration {self.iteration} ({self.algorithm}, inner lr {self.inner.lr})", self.likelihood)
+                          f"at iteration {self.iteration} ({self.algorithm}, inner lr {self.inner.lr})", self.likelihood,
+                          self.model.net.hidden)
         self.iteration += 1
         return {"grad_norm": norm}
 
@@ -285,13 +297,19 @@ class MetaLearner:
 
     # ---------------------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
-        return {"prior": self.prior.state_dict(), "likelihood": self.likelihood.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "iteration": self.iteration}
+        state = {"prior": self.prior.state_dict(), "likelihood": self.likelihood.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "iteration": self.iteration}
+        if self.model.net.hidden:
+            state["shared"] = {n: p.detach().clone() for n, p in self.model.net.hidden.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.prior.load_state_dict(state["prior"])
         if "likelihood" in state:  # (checkpoints from before likelihoods had state carry none)
             self.likelihood.load_state_dict(state["likelihood"])
+        with torch.no_grad():
+            for name, value in state.get("shared", {}).items():
+                self.model.net.hidden[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
 

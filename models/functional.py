@@ -36,6 +36,27 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Softplus, nn.Identity)
 
 
+def _hidden_names(module: nn.Module, hide) -> set[str]:
+    """Names of the parameters ``hide`` selects (module types, parameter names, submodule names)."""
+    if isinstance(hide, (str, type)):
+        hide = (hide,)
+    names = {n for n, _ in module.named_parameters()}
+    modules = dict(module.named_modules())
+    out: set[str] = set()
+    for item in hide:
+        if isinstance(item, type) and issubclass(item, nn.Module):
+            out |= {f"{m}.{n}" if m else n for m, sub in modules.items() if isinstance(sub, item)
+                    for n, _ in sub.named_parameters(recurse=False)}
+        elif isinstance(item, str) and item in names:
+            out.add(item)
+        elif isinstance(item, str) and item in modules:
+            out |= {n for n in names if n.startswith(item + ".")}
+        else:
+            raise ValueError(f"hide={item!r} names no parameter, submodule or module type of {type(module).__name__}; "
+                             f"its parameters are {', '.join(sorted(names))}")
+    return out
+
+
 def _is_plain_mlp(module: nn.Module) -> bool:
     """True for ``nn.Sequential`` of ``nn.Linear`` and parameter-free element-wise activations."""
     if type(module) is not nn.Sequential:
@@ -56,6 +77,11 @@ class BatchedNet:
             read as they are). If it has a method ``forward_batched(theta [B, T, P], x [T, N, ...])``
             returning ``[B, T, N, ...]`` (``theta`` in ``named_parameters`` order, as :meth:`unflatten`
             splits it), that method is used instead of vmap.
+        hide: parameters kept out of ``theta`` and so out of the hierarchical prior (TyXe's
+            ``hide_module_types`` / ``hide``): module types (``nn.LayerNorm``, ``nn.BatchNorm2d``: all their
+            parameters) and parameter or submodule names (``"head.bias"``, ``"head"``). A hidden parameter is shared
+            by every task and meta-learned as a point estimate (GEM-BML(+), by Fisher's identity:
+            :func:`hbmeta.inference.gem.shared_gem_gradient`).
 
     Example:
         >>> net = BatchedNet(mlp())
@@ -64,23 +90,26 @@ class BatchedNet:
         torch.Size([3, 10, 1])
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, hide: tuple | list = ()):
         self.module = module
-        self.names = [n for n, _ in module.named_parameters()]
+        hidden = _hidden_names(module, hide)
+        self.hidden = {n: p for n, p in module.named_parameters() if n in hidden}
+        self.names = [n for n, _ in module.named_parameters() if n not in hidden]
         if not self.names:
-            raise ValueError(f"{type(module).__name__} has no parameters to put a prior on")
+            raise ValueError(f"{type(module).__name__} has no parameters to put a prior on"
+                             + (f" (hide={list(hide)} hides all of them)" if hidden else ""))
         dropout = [n or type(m).__name__ for n, m in module.named_modules()
                    if isinstance(m, _DROPOUT) and m.training and m.p > 0]
         if dropout:
             raise ValueError(f"{type(module).__name__} has Dropout in train mode ({', '.join(dropout)}): weights "
                              f"are drawn from the posterior, so dropout's extra noise has no place in the batched "
                              f"forward; call net.eval() before building the learner, or remove the Dropout layers")
-        self.shapes = [p.shape for _, p in module.named_parameters()]
+        self.shapes = [p.shape for n, p in module.named_parameters() if n not in hidden]
         self.sizes = [math.prod(s) for s in self.shapes]
         self.num_params = sum(self.sizes)
         self.buffers = dict(module.named_buffers())
-        self._fast_mlp = _is_plain_mlp(module)
-        self._fast_batched = callable(getattr(module, "forward_batched", None))
+        self._fast_mlp = _is_plain_mlp(module) and not hidden
+        self._fast_batched = callable(getattr(module, "forward_batched", None)) and not hidden
 
     @property
     def is_plain_mlp(self) -> bool:
@@ -89,7 +118,7 @@ class BatchedNet:
 
     def initial_vector(self) -> Tensor:
         """The module's current parameters as one flat vector ``[P]`` (detached)."""
-        return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()])
+        return torch.cat([p.detach().reshape(-1) for n, p in self.module.named_parameters() if n not in self.hidden])
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         """Split ``theta [P]`` into a name -> tensor dict with the module's shapes (views, no copies)."""
@@ -98,7 +127,7 @@ class BatchedNet:
 
     def _single(self, theta: Tensor, x: Tensor) -> Tensor:
         params = self.unflatten(theta)
-        return functional_call(self.module, (params, self.buffers), (x,))
+        return functional_call(self.module, ({**params, **self.hidden}, self.buffers), (x,))
 
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
         """Evaluate the network.
@@ -142,4 +171,5 @@ class BatchedNet:
     def to(self, device: torch.device | str) -> "BatchedNet":
         self.module.to(device)
         self.buffers = dict(self.module.named_buffers())
+        self.hidden = {n: p for n, p in self.module.named_parameters() if n in self.hidden}
         return self

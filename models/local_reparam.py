@@ -35,6 +35,8 @@ Draw = Callable[[torch.Size], Tensor]
 
 def supports_local_noise(net: BatchedNet) -> bool:
     """Whether :func:`local_forward` has a lower-variance estimator for ``net`` (plain MLP or ``forward_flipout``)."""
+    if net.hidden:  # shared parameters outside theta: the generic reparameterised path handles them
+        return False
     return net.is_plain_mlp or callable(getattr(net.module, "forward_flipout", None))
 
 
