@@ -84,3 +84,52 @@ def test_every_readme_command_line_parses():
                 parser.parse_args(words[1:])
                 seen += 1
     assert seen >= 20
+
+
+#: small-budget flags appended to each README command line (argparse keeps the last of a repeated flag)
+_SMALL_FLAGS = {
+    "train": ["--iterations", "2", "--meta-batch", "2", "--eval-tasks", "2", "--no-progress", "--checkpoint-every", "1"],
+    "demo": ["--iterations", "2", "--meta-batch", "2", "--no-progress"],
+    "evaluate": ["--tasks", "2"], "diagnose": ["--tasks", "2"], "calibrate": ["--tasks", "2"],
+    "compare": ["--tasks", "2", "--samples", "16"], "gradient-study": ["--repeats", "1"],
+    "step": ["--repeats", "1"], "scaling": ["--repeats", "1", "--warmup", "0", "--inner-steps", "1"],
+    "throughput": ["--repeats", "1", "--meta-batches", "4", "--benchmarks", "sinusoid"],
+    "accuracy": ["--budget", "smoke", "--seeds", "0", "--algos", "gem-bml+", "--benchmarks", "sinusoid"],
+}
+
+
+def test_every_readme_command_runs_in_order_on_a_small_budget(tmp_path, monkeypatch, capsys):
+    """The README's shell blocks, top to bottom, in one folder (later commands read earlier runs), each ``hbmeta``
+    line run with a small budget appended. Not run: the install line, pytest / CI lines, torchrun and the GPU script
+    (tests/training/test_distributed.py and scripts/gpu_check.sh cover those), ``bench scaling`` (conv4 on
+    miniImageNet-shaped tasks: 90 s even at one repetition; tests/bench/test_step_bench.py runs it on a small
+    config) and Omniglot without its data."""
+    import shlex
+
+    from hbmeta.cli import main
+    from hbmeta.tasks.data import default_data_root
+
+    root = default_data_root()
+    monkeypatch.setenv("HBMETA_DATA", str(root))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.chdir(tmp_path)
+    have_omniglot = (root / "omniglot" / "images_background.npz").exists()
+    ran = 0
+    for block in _readme_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if not words or words[0] != "hbmeta" or {"--help", "--version"} & set(words):
+                continue
+            if ("omniglot" in words and not have_omniglot) or words[1:3] == ["bench", "scaling"]:
+                continue
+            command = words[1]
+            flags = _SMALL_FLAGS.get(words[2] if command == "bench" else command, [])
+            if command == "train":
+                rl = any(w in words for w in ("nav2d", "cheetah-vel", "cheetah-dir"))
+                flags = flags + (["--shots", "2", "--horizon", "5"] if rl else [])
+                if "--resume" in words:  # continue past the 2 iterations of the run it resumes
+                    flags = [f if f != "2" or flags[i - 1] != "--iterations" else "4" for i, f in enumerate(flags)]
+            code = main(words[1:] + flags)
+            assert code == 0, (line, capsys.readouterr().err[-2000:])
+            ran += 1
+    assert ran >= 25 if have_omniglot else ran >= 20
