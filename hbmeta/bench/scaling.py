@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from hbmeta.bench.step import peak_saved_bytes
+from hbmeta.bench.step import peak_saved_bytes, rotated_timings
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.learner import MetaLearner
 
@@ -94,18 +93,9 @@ def _run(config: ScalingBenchConfig, progress: bool) -> dict:
     data_gen = torch.Generator().manual_seed(config.seed)
     noise_gen = torch.Generator(device=config.device).manual_seed(config.seed + 1)
     batch = random_image_batch(config, data_gen).to(config.device)
-    times: dict[tuple[str, int], list[float]] = {p: [] for p in pairs}
-    for rep in range(config.warmup + config.repeats):
-        shift = rep % len(pairs)
-        for pair in pairs[shift:] + pairs[:shift]:  # rotate so no pair always runs first or last
-            sync()
-            start = time.perf_counter()
-            runners[pair](batch, noise_gen)
-            sync()
-            if rep >= config.warmup:
-                times[pair].append(time.perf_counter() - start)
-            if progress:
-                print(f"rep {rep} {pair[0]:>9} {pair[1]:>2} steps: {time.perf_counter() - start:.2f}s", flush=True)
+    report = (lambda rep, pair, seconds: print(f"rep {rep} {pair[0]:>9} {pair[1]:>2} steps: {seconds:.2f}s", flush=True)
+              ) if progress else None
+    times = rotated_timings(runners, lambda rep: batch, noise_gen, config.warmup, config.repeats, sync, report)
     rows = []
     for name, k in pairs:
         saved = peak_saved_bytes(runners[(name, k)], batch, noise_gen)

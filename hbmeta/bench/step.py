@@ -45,7 +45,7 @@ from hbmeta.models.functional import mlp
 from hbmeta.models.likelihoods import GaussianLikelihood
 from hbmeta.tasks.sinusoid import SinusoidTasks
 
-__all__ = ["StepBenchConfig", "TorchGemPlus", "peak_saved_bytes", "run_step_benchmark", "format_step_table",
+__all__ = ["rotated_timings", "StepBenchConfig", "TorchGemPlus", "peak_saved_bytes", "run_step_benchmark", "format_step_table",
            "write_step_benchmark", "LOWER_BOUND", "PYRO_TRACED", "SVI"]
 
 LOWER_BOUND = "torch gem-bml+ svi (lower bound)"
@@ -208,6 +208,29 @@ def run_step_benchmark(config: StepBenchConfig | None = None) -> dict:
         torch.set_num_threads(threads)
 
 
+def rotated_timings(runners: dict, batch_for, noise_gen: torch.Generator, warmup: int, repeats: int, sync,
+                    report=None) -> dict:
+    """Seconds of each runner per repetition, every runner once per repetition in a rotated order on the same
+    batch (``batch_for(rep)``), so machine noise hits all alike; the first ``warmup`` repetitions are not kept.
+    ``report(rep, key, seconds)``, if given, hears of every call."""
+    keys = list(runners)
+    times: dict = {k: [] for k in keys}
+    for rep in range(warmup + repeats):
+        batch = batch_for(rep)
+        shift = rep % len(keys)
+        for key in keys[shift:] + keys[:shift]:  # rotate so no runner always runs first or last
+            sync()
+            start = time.perf_counter()
+            runners[key](batch, noise_gen)
+            sync()
+            seconds = time.perf_counter() - start
+            if rep >= warmup:
+                times[key].append(seconds)
+            if report is not None:
+                report(rep, key, seconds)
+    return times
+
+
 def _run(config: StepBenchConfig) -> dict:
     names = list(config.algorithms) + ([LOWER_BOUND] if config.lower_bound else [])
     sync = torch.cuda.synchronize if config.device.startswith("cuda") else (lambda: None)
@@ -217,17 +240,8 @@ def _run(config: StepBenchConfig) -> dict:
     runners = {p: _runner(*p, config) for p in pairs}
     tasks, data_gen = SinusoidTasks(), torch.Generator().manual_seed(config.seed)
     noise_gen = torch.Generator(device=config.device).manual_seed(config.seed + 1)
-    times: dict[tuple[str, int], list[float]] = {p: [] for p in pairs}
-    for rep in range(config.warmup + config.repeats):
-        batch = tasks.sample(config.meta_batch, data_gen).to(config.device)
-        shift = rep % len(pairs)
-        for pair in pairs[shift:] + pairs[:shift]:  # rotate so no pair always runs first or last
-            sync()
-            start = time.perf_counter()
-            runners[pair](batch, noise_gen)
-            sync()
-            if rep >= config.warmup:
-                times[pair].append(time.perf_counter() - start)
+    times = rotated_timings(runners, lambda rep: tasks.sample(config.meta_batch, data_gen).to(config.device), noise_gen,
+                            config.warmup, config.repeats, sync)
     batch = tasks.sample(config.meta_batch, data_gen).to(config.device)
     rows = []
     for name, k in pairs:
