@@ -132,6 +132,14 @@ class Algorithm:
         """
         raise NotImplementedError(f"{type(self).__name__} (algorithm {self.name!r}) must define meta_gradient")
 
+    def meta_gradient_and_posterior(self, learner: LearnerState, batch: TaskBatch,
+                                    generator: torch.Generator | None = None
+                                    ) -> tuple[dict[str, Tensor], Posterior | None]:
+        """:meth:`meta_gradient` and the support-set posteriors it fitted on the way (``None`` where it fits none),
+        from which ``MetaLearner.meta_step`` reports the meta-batch's adaptation (:mod:`hbmeta.inference.metrics`).
+        The default fits none; the GEM algorithms return their posteriors."""
+        return self.meta_gradient(learner, batch, generator), None
+
     # ---------------------------------------------------------------------------------------- meta-test
     def adapt(self, learner: LearnerState, x: Tensor, y: Tensor, inner: InnerConfig, steps: int,
               generator: torch.Generator | None = None,

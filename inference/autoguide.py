@@ -19,6 +19,10 @@ autoguide                       per task?    why
 ``AutoLaplaceApproximation``    no           its Hessian is over the flattened ``[T P]`` vector (as above)
 ==============================  ===========  ==================================================================
 
+A model with per-task latents besides the weights (:mod:`hbmeta.models.latents`, e.g. a noise scale sampled by a
+:class:`~hbmeta.models.pyro_likelihood.PyroLikelihood`) gets the autoguide's own site for each (``AutoNormal``,
+``AutoDelta``; ``AutoDiagonalNormal`` would flatten them into the weights' vector and is refused for such a model).
+
 The package's own guides (:mod:`hbmeta.models.guides`) remain the fast path: they take their noise from an explicit
 generator (reproducible, resumable runs), while autoguides draw from torch's global RNG.
 """
@@ -32,12 +36,14 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import TraceMeanField_ELBO
-from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoGuide, AutoNormal, init_to_value
+from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoGuide, AutoNormal, init_to_median, init_to_value
+from pyro.nn import PyroParam
 from torch import Tensor
 
 from hbmeta.models.guides import Guide
 
 from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.latents import INIT_SCALE, LatentSite, replace_priors
 from hbmeta.models.posterior import Posterior
 
 __all__ = ["AUTOGUIDES", "fit_autoguide", "autoguide_factory", "AutoGuidePerTask", "is_autoguide"]
@@ -57,12 +63,19 @@ AUTOGUIDES: dict[str, tuple[type | None, str]] = {
 
 def fit_autoguide(model: HierarchicalModel, x: Tensor, y: Tensor, autoguide: str | Callable = "AutoNormal",
                   steps: int = 100, lr: float = 0.01, start: Posterior | None = None, num_particles: int = 1,
-                  prior: dist.TorchDistribution | None = None) -> Posterior:
+                  prior: dist.TorchDistribution | None = None, sites: dict[str, LatentSite] | None = None,
+                  latent_prior: dict[str, dist.TorchDistribution] | None = None,
+                  latent_lr: float | None = None) -> Posterior:
     r"""VI for every task of ``(x, y)`` with a Pyro autoguide in the task plate; returns detached posteriors.
 
     Maximises :math:`\sum_\tau \mathrm{ELBO}_\tau` with Pyro's ``TraceMeanField_ELBO`` and Adam, parameters kept
     on the autoguide module (``module_local_params``: nothing in Pyro's global parameter store). The guide's
     means start at ``start`` (default: where the model's prior starts each task).
+
+    Per-task latents besides the weights (``sites``, :meth:`HierarchicalModel.latent_sites`) get the autoguide's own
+    posterior per site, started at ``start.latents`` where given (else at the prior's median), fitted at ``latent_lr``
+    (``None``: ``lr``), and come back in the posterior's ``latents``; ``latent_prior`` replaces their distributions
+    in the model (GEM-BML+'s second update).
 
     Raises:
         ValueError: for an autoguide that does not factorise over tasks (see :data:`AUTOGUIDES`), naming why.
@@ -70,12 +83,21 @@ def fit_autoguide(model: HierarchicalModel, x: Tensor, y: Tensor, autoguide: str
     factory, cls = autoguide_factory(autoguide)
     start = model.initial_posterior(x, y) if start is None else start
     num_tasks = x.shape[0]
+    sites = model.latent_sites(x, y, prior) if sites is None else sites
+    if sites and cls is AutoDiagonalNormal:
+        raise ValueError(f"AutoDiagonalNormal flattens the per-task latent(s) {sorted(sites)} and the weights into one "
+                         f"vector; use AutoNormal (one posterior per site) for a model with latents")
+    program = replace_priors(model.model, latent_prior or {})
 
     def pyro_model(x: Tensor, y: Tensor) -> Tensor:
-        return model.model(x, y, prior)
+        return program(x, y, prior)
 
+    values = {"theta": start.loc.detach().clone()}
+    for name, site in sites.items():
+        if start.latents and name in start.latents:
+            values[name] = site.constrain(start.latents[name].loc.detach())
     with pyro.settings.context(module_local_params=True):
-        init = init_to_value(values={"theta": start.loc.detach().clone()})
+        init = init_to_value(values=values, fallback=init_to_median)
         kwargs = {"init_loc_fn": init}
         if cls is not AutoDelta and not _sets(factory, "init_scale"):
             kwargs["init_scale"] = float(start.variance.sqrt().mean().clamp_min(1e-4))
@@ -83,7 +105,19 @@ def fit_autoguide(model: HierarchicalModel, x: Tensor, y: Tensor, autoguide: str
         loss_fn = TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
                                       max_plate_nesting=1)(pyro_model, guide)
         loss_fn(x, y)  # creates the guide's parameters
-        optimizer = torch.optim.Adam(loss_fn.parameters(), lr=lr)
+        if cls is AutoNormal and not _sets(factory, "init_scale"):  # the weights' scale is not the latents'
+            for name in sites:
+                scale = getattr(guide.scales, name).detach()
+                setattr(guide.scales, name, PyroParam(torch.full_like(scale, INIT_SCALE), guide.scale_constraint,
+                                                      guide._event_dims[name]))
+        latent, weights = [], []
+        for name, param in loss_fn.named_parameters():  # e.g. "guide.locs.s_unconstrained"
+            site = name.rsplit(".", 1)[-1].removesuffix("_unconstrained")
+            (latent if site in sites else weights).append(param)
+        groups = [{"params": weights, "lr": lr}]
+        if latent:
+            groups.append({"params": latent, "lr": lr if latent_lr is None else latent_lr})
+        optimizer = torch.optim.Adam(groups, lr=lr)
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(x, y)
@@ -93,9 +127,14 @@ def fit_autoguide(model: HierarchicalModel, x: Tensor, y: Tensor, autoguide: str
             raise FloatingPointError(f"{cls.__name__} diverged: ELBO {loss.item()}; lower lr (now {lr})")
         with torch.no_grad():
             if cls is AutoNormal:
-                return Posterior(guide.locs.theta.detach().clone(), guide.scales.theta.detach().clone())
+                def flat(t: Tensor) -> Tensor:
+                    return t.detach().reshape(num_tasks, -1).clone()
+                return Posterior(flat(guide.locs.theta), flat(guide.scales.theta)).with_latents(
+                    {n: Posterior(flat(getattr(guide.locs, n)), flat(getattr(guide.scales, n))) for n in sites})
             if cls is AutoDelta:
-                return Posterior(guide.median()["theta"].detach().clone())
+                median = guide.median()
+                return Posterior(median["theta"].detach().clone()).with_latents(
+                    {n: Posterior(site.unconstrain(median[n].detach())) for n, site in sites.items()})
             return Posterior(guide.loc.detach().reshape(num_tasks, -1).clone(),
                              guide.scale.detach().reshape(num_tasks, -1).clone())
 
@@ -140,8 +179,9 @@ class AutoGuidePerTask(Guide):
 
     ``MetaLearner(net, guide=AutoNormal)`` or ``guide=functools.partial(AutoNormal, init_scale=0.05)`` (TyXe's
     convention) builds one. The autoguide is fitted with Adam at ``lr`` (in weight space, unlike the whitened SGD
-    of hbmeta's own guides) for the inner update's ``steps``; its noise comes from torch's global random stream, not
-    the run's generators.
+    of hbmeta's own guides, whose inner ``lr`` would not suit it) for the inner update's ``steps``, its per-task
+    latents besides the weights at the inner update's ``latent_lr`` (``None``: ``lr``); its noise comes from torch's
+    global random stream, not the run's generators.
     """
 
     stochastic = True
@@ -153,9 +193,12 @@ class AutoGuidePerTask(Guide):
         self.stochastic = self.cls is not AutoDelta
 
     def fit(self, model: HierarchicalModel, x: Tensor, y: Tensor, start: Posterior,
-            prior: dist.TorchDistribution | None, steps: int, num_samples: int) -> Posterior:
+            prior: dist.TorchDistribution | None, steps: int, num_samples: int,
+            sites: dict[str, LatentSite] | None = None,
+            latent_prior: dict[str, dist.TorchDistribution] | None = None, latent_lr: float | None = None) -> Posterior:
         return fit_autoguide(model, x, y, self.factory, steps=steps, lr=self.lr, start=start,
-                             num_particles=num_samples, prior=prior)
+                             num_particles=num_samples, prior=prior, sites=sites, latent_prior=latent_prior,
+                             latent_lr=latent_lr)
 
     def init_params(self, start, reference=None):
         raise TypeError(f"{self.name} fits its own parameters (AutoGuidePerTask.fit); it has no functional form")

@@ -18,17 +18,21 @@ from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.inner import InnerConfig, negative_elbo
 from hbmeta.models.guides import Guide
 from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.latents import LatentGuide
 from hbmeta.models.priors import DiagonalGaussianPrior
 
 __all__ = ["unrolled_guide_params", "elbo_gradient", "abml_gradient", "ABMLAlgorithm", "ABML"]
 
 
 def unrolled_guide_params(model: HierarchicalModel, guide: Guide, x: Tensor, y: Tensor, config: InnerConfig,
-                          generator: torch.Generator | None = None, steps: int | None = None) -> dict[str, Tensor]:
+                          generator: torch.Generator | None = None, steps: int | None = None,
+                          latents: LatentGuide | None = None) -> dict[str, Tensor]:
     """``lambda_K(Theta)``: K differentiable SGD steps on the negative ELBO, starting at the prior.
 
     Steps are taken in the guide's own parametrisation (whitened for the default mean-field guide) with the
     inner config's per-task gradient clipping, so ABML sees the same inner update as GEM, only unrolled.
+    With ``latents`` (the guide of a model's per-task latents besides the weights) their parameters are unrolled
+    beside the weights' and returned under :class:`~hbmeta.models.latents.LatentGuide`'s names (``"s.loc"`` ...).
     """
     prior = model.prior
     if not isinstance(prior, DiagonalGaussianPrior) or guide.name not in ("meanfield", "delta"):
@@ -44,17 +48,19 @@ def unrolled_guide_params(model: HierarchicalModel, guide: Guide, x: Tensor, y: 
                   "ref_loc": mu, "ref_scale": log_sigma.exp()}
     else:
         params = {"loc": mu, "log_scale": log_sigma}
+    if latents is not None:
+        params.update(latents.init_params(num_tasks))
     trainable = [n for n in params if not n.startswith("ref_")]
     prior_dist = prior.distribution(num_tasks)
     for _ in range(steps):
         eps = (torch.randn((config.num_samples, *shape), generator=generator, device=x.device, dtype=x.dtype)
                if guide.stochastic else None)
-        loss = negative_elbo(model, guide, params, x, y, prior_dist, eps, config.analytic_kl, config.elbo)
+        loss = _negative_elbo(model, guide, params, x, y, prior_dist, eps, config, latents, generator)
         grads = torch.autograd.grad(loss, [params[n] for n in trainable], create_graph=True)
         if config.clip_norm is not None:  # per-task clipping as in the inner loop (location and scale apart)
             grads = list(grads)
-            for group in ([i for i, n in enumerate(trainable) if n in ("loc", "z")],
-                          [i for i, n in enumerate(trainable) if n not in ("loc", "z")]):
+            location = [i for i, n in enumerate(trainable) if n in ("loc", "z") or n.endswith(".loc")]
+            for group in (location, [i for i in range(len(trainable)) if i not in location]):
                 if group:
                     norms = torch.sqrt(sum(grads[i].pow(2).flatten(1).sum(1) for i in group))
                     factor = (config.clip_norm / (norms + 1e-12)).clamp(max=1.0).unsqueeze(-1)
@@ -64,15 +70,29 @@ def unrolled_guide_params(model: HierarchicalModel, guide: Guide, x: Tensor, y: 
     return params
 
 
+def _negative_elbo(model, guide, params, x, y, prior, eps, config: InnerConfig, latents: LatentGuide | None,
+                   generator) -> Tensor:
+    """:func:`negative_elbo` of the unrolled parameters, the latents' (if any) split off and given fresh noise."""
+    if latents is None:
+        return negative_elbo(model, guide, params, x, y, prior, eps, config.analytic_kl, config.elbo)
+    latent_params = {n: p for n, p in params.items() if latents.owns(n)}
+    noise = {n: torch.randn(size, generator=generator, device=x.device, dtype=x.dtype)
+             for n, size in latents.noise_shapes(config.num_samples, x.shape[0]).items()}
+    return negative_elbo(model, guide, {n: p for n, p in params.items() if not latents.owns(n)}, x, y, prior, eps,
+                         config.analytic_kl, config.elbo, latents, latent_params, noise)
+
+
 def elbo_gradient(model: HierarchicalModel, guide: Guide, x: Tensor, y: Tensor, config: InnerConfig,
                   generator: torch.Generator | None = None, steps: int | None = None) -> dict[str, Tensor]:
     r"""``grad_Theta ELBO(lambda_K(Theta); Theta)`` summed over tasks (ascent direction of ``L``)."""
-    params = unrolled_guide_params(model, guide, x, y, config, generator, steps)
+    sites = model.latent_sites(x, y)
+    latents = LatentGuide(sites) if sites else None
+    params = unrolled_guide_params(model, guide, x, y, config, generator, steps, latents)
     eps = (torch.randn((config.num_samples, x.shape[0], model.prior.num_params), generator=generator, device=x.device,
                        dtype=x.dtype)
            if guide.stochastic else None)
-    loss = negative_elbo(model, guide, params, x, y, model.prior.distribution(x.shape[0]), eps, config.analytic_kl,
-                         config.elbo)
+    loss = _negative_elbo(model, guide, params, x, y, model.prior.distribution(x.shape[0]), eps, config, latents,
+                          generator)
     names = [n for n, p in model.prior.named_parameters()]
     grads = torch.autograd.grad(-loss, [p for _, p in model.prior.named_parameters()])
     return dict(zip(names, grads))

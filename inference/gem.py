@@ -173,7 +173,7 @@ def gem_plus_posteriors(model: HierarchicalModel, guide: Guide, batch: TaskBatch
             raise ValueError("sequential GEM-BML+ needs a posterior with a density as the prior of VI(lambda_tr, D_val); "
                              "a Delta guide has none: use mode='joint'")
         q2 = fit_posterior(model, guide, batch.x_val, batch.y_val, q1, prior=q1.distribution(), config=config,
-                           steps=val_steps, generator=generator, noise=noise2)
+                           steps=val_steps, generator=generator, noise=noise2, sequential=True)
     else:
         x, y = batch.joint()
         start = q1 if mode == "joint" else model.initial_posterior(x, y)
@@ -227,9 +227,13 @@ class GEMBML(GEMAlgorithm):
 
     def meta_gradient(self, learner: LearnerState, batch: TaskBatch,
                       generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        per_task, _ = gem_bml_gradient(learner.model, learner.guide, batch, learner.inner, generator,
-                                       learner.closed_form)
-        return {n: -g.mean(0) for n, g in per_task.items()}
+        return self.meta_gradient_and_posterior(learner, batch, generator)[0]
+
+    def meta_gradient_and_posterior(self, learner: LearnerState, batch: TaskBatch,
+                                    generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Posterior]:
+        per_task, posterior = gem_bml_gradient(learner.model, learner.guide, batch, learner.inner, generator,
+                                               learner.closed_form)
+        return {n: -g.mean(0) for n, g in per_task.items()}, posterior
 
 
 class GEMBMLPlus(GEMAlgorithm):
@@ -241,9 +245,13 @@ class GEMBMLPlus(GEMAlgorithm):
 
     def meta_gradient(self, learner: LearnerState, batch: TaskBatch,
                       generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        per_task, _ = gem_plus_gradient(learner.model, learner.guide, batch, learner.inner, generator,
-                                        learner.closed_form, learner.gem_plus_mode)
-        return {n: -g.mean(0) for n, g in per_task.items()}
+        return self.meta_gradient_and_posterior(learner, batch, generator)[0]
+
+    def meta_gradient_and_posterior(self, learner: LearnerState, batch: TaskBatch,
+                                    generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Posterior]:
+        per_task, q1 = gem_plus_gradient(learner.model, learner.guide, batch, learner.inner, generator,
+                                         learner.closed_form, learner.gem_plus_mode)
+        return {n: -g.mean(0) for n, g in per_task.items()}, q1
 
 
 GEM_BML = register_algorithm(GEMBML())

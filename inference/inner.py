@@ -38,6 +38,7 @@ from hbmeta.inference.gauss_newton import gauss_newton_fit
 from hbmeta.models.guides import Guide
 from hbmeta.inference.autoguide import AutoGuidePerTask
 from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.latents import LatentGuide, replace_priors
 from hbmeta.models.local_reparam import local_forward, supports_local_noise
 from hbmeta.models.posterior import Posterior
 
@@ -102,6 +103,9 @@ class InnerConfig:
             helps. Off by default: on Omniglot it rejects whitened Adam's first step (moving 112k weights by half a
             prior sd costs ~10^4 nats of KL for a few nats of likelihood), and meta-training then learns nothing
             (20% after 150 iterations, README "Omniglot"); it stops the later steps' overshoot only by stopping all.
+        latent_lr: Adam's learning rate for the guide of per-task latents besides the weights
+            (:mod:`hbmeta.models.latents`, e.g. a noise scale). That guide is always fitted with Adam: it is not
+            whitened, so the weights' (whitened SGD) step size does not suit it. ``None`` means ``lr``.
     """
 
     steps: int = 5
@@ -123,6 +127,7 @@ class InnerConfig:
     safeguard: bool = False
     variance: str = "meanfield"
     tolerance: float = 1e-5
+    latent_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in INNER_METHODS:
@@ -134,6 +139,8 @@ class InnerConfig:
             raise ValueError(f"unknown variance {self.variance!r}; choose 'meanfield' or 'marginal'")
         if self.estimator not in ("local", "reparam"):
             raise ValueError(f"unknown estimator {self.estimator!r}; choose 'local' or 'reparam'")
+        if self.latent_lr is not None and not self.latent_lr > 0:
+            raise ValueError(f"latent_lr={self.latent_lr} must be > 0 (or None for lr)")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm={self.clip_norm} must be > 0 (or None for no clipping)")
         if not self.tolerance >= 0:
@@ -179,32 +186,46 @@ def negative_elbo(
     noise: Tensor | None,
     analytic_kl: bool = True,
     backend: str = "auto",
+    latents: LatentGuide | None = None,
+    latent_params: dict[str, Tensor] | None = None,
+    latent_noise: dict[str, Tensor] | None = None,
+    latent_prior: dict[str, dist.TorchDistribution] | None = None,
 ) -> Tensor:
     r"""``-sum_tau ELBO_tau(lambda_tau; prior)``, averaged over the ``S`` particles of ``noise [S, T, P]``.
 
     Differentiable in ``params`` (and in the prior's tensors), so the same function serves the inner SVI and
     the unrolled ELBO-gradient baseline. ``backend="auto"`` takes the analytic fast path where it applies.
+
+    A model with per-task latents beyond the weights (:mod:`hbmeta.models.latents`) adds their guide ``latents``
+    (parameters ``latent_params``, draws driven by ``latent_noise [S, T, k]`` per site) to the weights' in the task
+    plate, and always runs Pyro's ELBO; ``latent_prior`` replaces the program's distribution of those sites.
     """
-    if backend == "auto" and analytic_kl and prior is not None and not overrides_model(model):
+    if backend == "auto" and analytic_kl and prior is not None and not overrides_model(model) and latents is None:
         fast = _analytic_negative_elbo(model, guide, params, x, y, prior, noise)
         if fast is not None:
             return fast
-    num_particles = 1 if noise is None else noise.shape[0]
+    if noise is not None:
+        num_particles = noise.shape[0]
+    else:
+        num_particles = 1 if not latent_noise else next(iter(latent_noise.values())).shape[0]
     elbo_cls = TraceMeanField_ELBO if analytic_kl else Trace_ELBO
     elbo = elbo_cls(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
     num_tasks = x.shape[0]
+    pyro_model = replace_priors(model.model, latent_prior or {})
 
     def pyro_guide(x, y, prior, noise):
         with pyro.plate("tasks", num_tasks, dim=-1):
             pyro.sample("theta", guide.distribution(params, noise))
+            if latents is not None:
+                latents.sample(latent_params, latent_noise)
 
     with pyro.validation_enabled(False):  # fit_posterior checks for NaN itself
         try:
-            return elbo.differentiable_loss(model.model, pyro_guide, x, y, prior, noise)
+            return elbo.differentiable_loss(pyro_model, pyro_guide, x, y, prior, noise)
         except KeyError as missing:  # the model samples a latent site the guide does not (Pyro's bare KeyError)
             raise ValueError(f"{type(model).__name__}.model samples latent site {missing} that the guide does not cover: "
-                             f"the inner update fits a posterior over the weights 'theta' only, so every other sample "
-                             f"site must be observed (pyro.sample(..., obs=...)) or a function of theta") from None
+                             f"pass the latents' guide (hbmeta.models.latents.LatentGuide of model.latent_sites(x, y)) "
+                             f"as latents=, as fit_posterior does") from None
 
 
 def overrides_model(model: HierarchicalModel) -> bool:
@@ -342,7 +363,10 @@ def _diverged_tasks(model: HierarchicalModel, guide: Guide, params: dict[str, Te
     """Tasks whose parameters, gradients or log-likelihood at the guide's mean are NaN / inf."""
     post = guide.posterior(params).detach()
     with torch.no_grad():
-        bad = ~torch.isfinite(model.log_likelihood(post.loc.unsqueeze(0), x, y)[0])
+        try:
+            bad = ~torch.isfinite(model.log_likelihood(post.loc.unsqueeze(0), x, y)[0])
+        except ValueError:  # a likelihood with per-task latents has no log p(y | theta) alone
+            bad = torch.zeros(post.num_tasks, dtype=torch.bool, device=post.loc.device)
         if post.kind != "delta":
             bad |= ~(post.variance > 0).all(1)
     for p in params.values():
@@ -392,6 +416,7 @@ def fit_posterior(
     noise: NoiseFn | None = None,
     callback: Callable[[int, Posterior], None] | None = None,
     laplace: bool = False,
+    sequential: bool = False,
 ) -> Posterior:
     """Run the inner update for every task of a meta-batch at once and return the detached posteriors.
 
@@ -409,6 +434,13 @@ def fit_posterior(
         noise: a ``NoiseFn`` to use instead of ``generator`` (tests feed identical noise to two runs).
         callback: called as ``callback(step, posterior)`` before the first step and after every step.
         laplace: Gauss-Newton only: also attach the linearised model's full posterior, for the predictive.
+        sequential: the update VI(q1, D_val) of GEM-BML+: ``start``'s posteriors of per-task latents beyond the
+            weights (``start.latents``) are their prior, as ``prior`` (``q1(theta)``) is the weights'.
+
+    A model that samples per-task latents besides the weights (:meth:`HierarchicalModel.latent_sites`, e.g. a noise
+    scale in a :class:`~hbmeta.models.pyro_likelihood.PyroLikelihood`) gets a guide for them beside the weights'
+    (:class:`~hbmeta.models.latents.LatentGuide`, or the autoguide's own sites) and Pyro's ELBO; the returned
+    posterior carries theirs in ``latents``.
 
     Raises:
         InnerLoopDivergedError: when the ELBO becomes NaN / inf, naming the task(s) and the step.
@@ -418,42 +450,64 @@ def fit_posterior(
     if prior is None:
         with torch.no_grad():
             prior = model.prior.distribution(x.shape[0])
+    sites = model.latent_sites(x, y, prior)
+    latent_prior = {}
+    if sequential and sites and start.latents:
+        latent_prior = {n: site.distribution(start.latents[n]) for n, site in sites.items() if n in start.latents}
     if config.method == "gauss-newton":
+        if sites:
+            raise ValueError(f"the model samples per-task latent(s) {sorted(sites)} besides the weights, which the "
+                             f"Gauss-Newton inner update cannot fit; use InnerConfig(method='svi')")
         if overrides_model(model):
             raise ValueError(f"{type(model).__name__} overrides HierarchicalModel.model, which the Gauss-Newton inner "
                              f"update cannot run (it linearises the network under the likelihood's curvature); use "
                              f"InnerConfig(method='svi'), which runs your model through Pyro's ELBO")
         return _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace, generator)
     if isinstance(guide, AutoGuidePerTask):  # a Pyro autoguide, fitted by Pyro's SVI in the task plate
-        posterior = guide.fit(model, x, y, start, prior, steps, config.num_samples)
+        posterior = guide.fit(model, x, y, start, prior, steps, config.num_samples, sites, latent_prior, config.latent_lr)
         if callback is not None:
             callback(steps, posterior)
         return posterior
     params = guide.init_params(start, _whitening_reference(prior, start))
+    latents = LatentGuide(sites) if sites else None
+    latent_params = latents.init_params(x.shape[0], start.latents) if latents else {}
     scale_lr = config.lr if config.scale_lr is None else config.scale_lr
     location = [p for n, p in params.items() if n in ("loc", "z")]
     others = [p for n, p in params.items() if n not in ("loc", "z") and p.requires_grad]
     groups = [{"params": location, "lr": config.lr}] + ([{"params": others, "lr": scale_lr}] if others else [])
     opt = make_optimizer(config.optimizer, groups, config.lr)
+    if latents:  # Adam whatever the weights' optimizer: q(z) is not whitened, its curvature is the data's
+        latent_lr = config.lr if config.latent_lr is None else config.latent_lr
+        latent_opt = torch.optim.Adam(list(latent_params.values()), lr=latent_lr)
     draw = noise or standard_normal(generator, start.loc)
     shape = torch.Size((config.num_samples, *start.loc.shape[:-1], guide.noise_size(start.loc.shape[-1])))
     local = (config.estimator == "local" and guide.name == "meanfield" and config.elbo == "auto" and config.analytic_kl
-             and not overrides_model(model)
+             and not overrides_model(model) and not sites
              and _diagonal_normal(prior) is not None and supports_local_noise(model.net))
     guard = (config.safeguard and guide.name in ("meanfield", "delta") and _diagonal_normal(prior) is not None
-             and not overrides_model(model))
+             and not overrides_model(model) and not sites)
+
+    def current() -> Posterior:
+        posterior = guide.posterior(params).detach()
+        return posterior.with_latents(latents.posteriors(latent_params)).detach() if latents else posterior
+
     if guard:
         merit = _task_objective(model, guide, params, x, y, prior)
     if callback is not None:
-        callback(0, guide.posterior(params).detach())
+        callback(0, current())
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
+        if latents:
+            latent_opt.zero_grad(set_to_none=True)
         if local:
             loss = _local_negative_elbo(model, guide, params, x, y, prior, config.num_samples,
                                         lambda size, step=step: draw(step, size))
         else:
             eps = draw(step, shape) if guide.stochastic else None
-            loss = negative_elbo(model, guide, params, x, y, prior, eps, config.analytic_kl, config.elbo)
+            latent_noise = None if latents is None else {
+                name: draw(step, size) for name, size in latents.noise_shapes(config.num_samples, x.shape[0]).items()}
+            loss = negative_elbo(model, guide, params, x, y, prior, eps, config.analytic_kl, config.elbo,
+                                 latents, latent_params, latent_noise, latent_prior)
         loss.backward()
         if not torch.isfinite(loss):
             raise InnerLoopDivergedError(
@@ -467,11 +521,15 @@ def fit_posterior(
         if guard:
             before = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
         opt.step()
+        if latents:
+            if config.clip_norm is not None:
+                clip_per_task(list(latent_params.values()), config.clip_norm)
+            latent_opt.step()
         if guard:
             merit = _safeguard(model, guide, params, before, merit, x, y, prior, config.line_search)
         if callback is not None:
-            callback(step, guide.posterior(params).detach())
-    posterior = guide.posterior(params).detach()
+            callback(step, current())
+    posterior = current()
     variance = posterior.variance
     finite = torch.isfinite(posterior.loc.sum() + variance.sum())  # one reduction: NaN / inf propagate
     if not (finite and (posterior.kind == "delta" or variance.min() > 0)):

@@ -35,6 +35,7 @@ import hbmeta.inference.gem  # noqa: F401  (registers gem-bml, gem-bml+)
 from hbmeta.inference.gem import GEM_PLUS_MODES, LIKELIHOOD_PREFIX, SHARED_PREFIX
 import hbmeta.inference.imaml  # noqa: F401  (imaml)
 from hbmeta.inference.inner import InnerConfig, make_optimizer
+from hbmeta.inference.metrics import batch_adaptation_metrics, prior_scale_statistics
 import hbmeta.inference.maml  # noqa: F401  (maml, fomaml)
 from hbmeta.inference.predictive import PosteriorPredictive
 import hbmeta.inference.reptile  # noqa: F401  (reptile, pretrain)
@@ -215,9 +216,15 @@ class MetaLearner:
         return self.spec.meta_gradient(self, batch, generator)
 
     def meta_step(self, batch: TaskBatch, generator: torch.Generator | None = None) -> dict[str, float]:
-        """One meta-update (Algorithm 1, lines 4-10). Returns a few numbers to log."""
+        """One meta-update (Algorithm 1, lines 4-10). Returns numbers to log: ``grad_norm``; where the algorithm fits
+        posteriors on the way (GEM-BML, GEM-BML+), how that adaptation did on this meta-batch before the prior moved
+        (``batch_support_nll``, ``batch_query_nll``, ``batch_query_loss``, ``batch_query_accuracy``, ``batch_kl``,
+        ``batch_inner_elbo``: :mod:`hbmeta.inference.metrics`); and the prior's scale after the step
+        (``prior_scale``, ``prior_scale_min`` / ``_median`` / ``_max``) where it has one."""
         batch = batch.to(self.device)
-        return self.apply_meta_gradient(self.meta_gradient(batch, generator))
+        grads, posterior = self.spec.meta_gradient_and_posterior(self, batch, generator)
+        adapted = {} if posterior is None else batch_adaptation_metrics(self.model, posterior, batch)
+        return {**self.apply_meta_gradient(grads), **adapted, **prior_scale_statistics(self.prior)}
 
     def apply_meta_gradient(self, grads: dict[str, Tensor]) -> dict[str, float]:
         """Hand ``grads`` (descent direction of the meta-loss, averaged over tasks) to the meta-optimizer.
@@ -265,6 +272,8 @@ class MetaLearner:
           and spread the predictive like the prior's. ``samples`` are draws of ``f`` per point.
         - Otherwise the Monte-Carlo predictive: ``f(x; theta_s)``, ``theta_s ~ q``. A point mass is evaluated once
           and a particle posterior at each of its particles (``num_samples`` unused).
+        - A posterior with per-task latents besides the weights (``posterior.latents``) adds ``num_samples`` draws of
+          each as a site of the predictive; ``obs`` is drawn given them and ``.likelihood`` is conditioned on them.
         """
         x = x.to(self.device)
         if posterior.has_laplace:
@@ -274,8 +283,12 @@ class MetaLearner:
         else:
             n = 1 if posterior.kind == "delta" else num_samples
         samples = self.model.net(posterior.sample(n, generator), x)
+        latents = {}
+        if posterior.latents:  # per-task latents besides the weights: draws of their posteriors, y drawn given them
+            sites = self.model.latent_sites(x, None)
+            latents = {name: sites[name].sample(part, num_samples, generator) for name, part in posterior.latents.items()}
         return PosteriorPredictive(samples.mean(0), samples.std(0, unbiased=False), samples, self.likelihood,
-                                   num_samples, generator)
+                                   num_samples, generator, latents)
 
     def _linearised_predictive(self, posterior: Posterior, x: Tensor, num_samples: int,
                                generator: torch.Generator | None, chunk: int = 8) -> PosteriorPredictive:

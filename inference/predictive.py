@@ -6,7 +6,10 @@ r"""The posterior predictive at query inputs: draws of the network's output ``f`
 - ``"f"``: the network's output under the adapted posterior, :math:`f(x; \theta_s)` with :math:`\theta_s \sim q`
   (after Gauss-Newton VI the linearised model's Gaussian draws);
 - ``"obs"``: observations through the likelihood, :math:`y_s \sim p(y \mid f_s)` (Gaussian noise, a class label),
-  drawn the first time they are asked for.
+  drawn the first time they are asked for;
+- one site per per-task latent of the model besides the weights (:mod:`hbmeta.models.latents`, e.g. ``"s"``, a
+  noise scale): ``[S, T, *event]`` draws of its posterior, with which ``obs`` is drawn, :math:`y_s \sim p(y \mid
+  f_s, z_s)`, and which :attr:`PosteriorPredictive.likelihood` is conditioned on.
 
 ``mean`` and ``std`` are those of ``f`` (the epistemic part); :meth:`site_mean`, :meth:`site_std` and
 :meth:`quantiles` read any site, so ``quantiles((0.05, 0.95))`` is a 90% band for new observations.
@@ -39,8 +42,11 @@ class PosteriorPredictive:
     """
 
     def __init__(self, mean: Tensor, std: Tensor, samples: Tensor, likelihood: Likelihood, num_samples: int,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, latents: dict[str, Tensor] | None = None) -> None:
         self.mean, self.std, self.samples = mean, std, samples
+        self.latents = latents or {}
+        if self.latents:
+            likelihood = likelihood.condition(self.latents)
         self._likelihood, self._num_samples = likelihood, num_samples
         self._seed = None if generator is None else _derived_seed(generator)
         self._observed: Tensor | None = None
@@ -60,14 +66,25 @@ class PosteriorPredictive:
         return self._observed
 
     @property
+    def likelihood(self) -> Likelihood:
+        """The observation model the draws of ``obs`` come from: the learner's, conditioned on the draws of the
+        per-task latents where the model has any (so ``likelihood.log_prob(samples, y)`` is ``log p(y | f_s, z_s)``)."""
+        return self._likelihood
+
+    @property
     def sites(self) -> dict[str, Tensor]:
-        """``{"f": samples, "obs": observed}``, each ``[S, T, N, ...]`` (Pyro ``Predictive``'s layout)."""
-        return {"f": self.samples, "obs": self.observed}
+        """``{"f": samples, "obs": observed, **latents}``, each ``[S, T, ...]`` (Pyro ``Predictive``'s layout)."""
+        return {"f": self.samples, "obs": self.observed, **self.latents}
 
     def _site(self, site: str) -> Tensor:
-        if site not in ("f", "obs"):
-            raise ValueError(f"unknown predictive site {site!r}; choose 'f' (network output) or 'obs' (observations)")
-        return self.samples if site == "f" else self.observed
+        if site == "f":
+            return self.samples
+        if site == "obs":
+            return self.observed
+        if site in self.latents:
+            return self.latents[site]
+        raise ValueError(f"unknown predictive site {site!r}; choose 'f' (network output), 'obs' (observations)"
+                         + "".join(f", {name!r}" for name in self.latents))
 
     def site_mean(self, site: str = "obs") -> Tensor:
         """Monte-Carlo mean of a site over the draws (class labels: their frequencies are in :meth:`class_probs`)."""

@@ -5,6 +5,7 @@ from hbmeta.models.functional import BatchedNet, mlp
 from hbmeta.models.guides import GUIDES, DeltaGuide, FullCovarianceGuide, Guide, LowRankGuide, MeanFieldGuide, make_guide
 from hbmeta.models.heavy_tailed import LaplacePrior, StudentTPrior
 from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.latents import LatentGuide, LatentSite
 from hbmeta.models.likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood
 from hbmeta.models.lowrank_prior import LowRankGaussianPrior
 from hbmeta.models.mixture_prior import MixtureGaussianPrior
@@ -20,5 +21,5 @@ __all__ = [
     "HierarchicalModel", "Likelihood", "GaussianLikelihood", "CategoricalLikelihood", "Posterior", "Prior",
     "DiagonalGaussianPrior", "ParticlePrior",
     "LowRankGuide", "LowRankGaussianPrior", "MixtureGaussianPrior", "LaplacePrior", "StudentTPrior", "PRIORS",
-    "make_prior", "GaussianMLPPolicy", "PyroLikelihood",
+    "make_prior", "GaussianMLPPolicy", "PyroLikelihood", "LatentSite", "LatentGuide",
 ]

@@ -17,10 +17,10 @@ from torch import Tensor
 
 from hbmeta.models.posterior import Posterior
 
-__all__ = ["Guide", "MeanFieldGuide", "DeltaGuide", "FullCovarianceGuide", "LowRankGuide", "GUIDES", "make_guide"]
+__all__ = ["Guide", "NoiseNormal", "MeanFieldGuide", "DeltaGuide", "FullCovarianceGuide", "LowRankGuide", "GUIDES", "make_guide"]
 
 
-class _NoiseNormal(dist.Normal):
+class NoiseNormal(dist.Normal):
     """``Normal(loc, scale)`` whose ``rsample`` returns ``loc + scale * noise`` with the given noise."""
 
     def __init__(self, loc: Tensor, scale: Tensor, noise: Tensor):
@@ -29,7 +29,7 @@ class _NoiseNormal(dist.Normal):
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
-        return _NoiseNormal(self.loc.expand(batch_shape), self.scale.expand(batch_shape), self.noise.expand(batch_shape))
+        return NoiseNormal(self.loc.expand(batch_shape), self.scale.expand(batch_shape), self.noise.expand(batch_shape))
 
     def rsample(self, sample_shape=torch.Size()):
         if sample_shape:
@@ -152,7 +152,7 @@ class MeanFieldGuide(Guide):
         if noise is None:
             return dist.Normal(loc, scale).to_event(1)
         shape = noise.shape[:-1] + loc.shape[-1:]
-        return _NoiseNormal(loc.expand(shape), scale.expand(shape), noise).to_event(1)
+        return NoiseNormal(loc.expand(shape), scale.expand(shape), noise).to_event(1)
 
     def posterior(self, params):
         loc, log_scale = self.moments(params)

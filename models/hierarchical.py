@@ -15,9 +15,11 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from torch import Tensor, nn
 
 from hbmeta.models.functional import BatchedNet
+from hbmeta.models.latents import LatentSite, find_latent_sites
 from hbmeta.models.likelihoods import Likelihood
 from hbmeta.models.posterior import Posterior
 from hbmeta.models.priors import Prior
@@ -50,6 +52,22 @@ class HierarchicalModel:
             pred = self.net(theta, x)
             self.likelihood.pyro_model(pred, y)
         return theta
+
+    @property
+    def runs_user_code(self) -> bool:
+        """Whether the model runs user-written Pyro code (an overridden :meth:`model` or a Pyro-program likelihood)
+        that may sample latent sites beyond ``theta``."""
+        return self.likelihood.is_program or type(self).model is not HierarchicalModel.model
+
+    def latent_sites(self, x: Tensor, y: Tensor | None, prior: dist.TorchDistribution | None = None
+                     ) -> dict[str, LatentSite]:
+        """The per-task latents besides ``theta`` that :meth:`model` samples on data ``(x, y)``
+        (:mod:`hbmeta.models.latents`; one trace of the model, none for the built-in likelihoods)."""
+        if not self.runs_user_code:
+            return {}
+        with torch.no_grad(), pyro.validation_enabled(False):
+            trace = poutine.trace(self.model).get_trace(x, y, prior)
+        return find_latent_sites(trace, num_tasks=x.shape[0])
 
     def initial_posterior(self, x: Tensor, y: Tensor) -> Posterior:
         """Where the inner update on data ``(x, y)`` starts: the prior's :meth:`~hbmeta.models.priors.Prior.start_posterior`

@@ -32,8 +32,19 @@ __all__ = ["Likelihood", "GaussianLikelihood", "CategoricalLikelihood"]
 class Likelihood(nn.Module):
     """Interface of a task likelihood (see the module docstring). Learnable parameters are ``nn.Parameter`` s."""
 
+    #: whether :meth:`pyro_model` runs user code that may sample latent sites (:class:`~hbmeta.models.pyro_likelihood.PyroLikelihood`)
+    is_program: bool = False
+
     def distribution(self, pred: Tensor) -> dist.TorchDistribution:
         raise NotImplementedError
+
+    def condition(self, values: dict[str, Tensor]) -> "Likelihood":
+        """This likelihood with per-task latent sites fixed at ``values``; only a Pyro-program likelihood
+        (:class:`~hbmeta.models.pyro_likelihood.PyroLikelihood`) samples any, so the others take none."""
+        if values:
+            raise ValueError(f"{type(self).__name__} samples no latent sites, so it cannot be conditioned on "
+                             f"{sorted(values)}; sample per-task latents in a PyroLikelihood program")
+        return self
 
     def pyro_model(self, pred: Tensor, y: Tensor | None) -> None:
         """The observation model as Pyro statements (inside the tasks plate): samples the site ``"obs"``."""

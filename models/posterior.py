@@ -7,6 +7,7 @@ device or sent to another process.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pyro.distributions as dist
@@ -33,6 +34,11 @@ class Posterior:
     Gaussian posterior ``N(loc, diag(laplace_scale^2) - laplace_factor laplace_factor^T)`` (``laplace_scale
     [T, P]``, ``laplace_factor [T, P, R]``): the guide (``scale``) is what GEM and sampling use, the linearised
     posterior is what the posterior predictive uses (:attr:`has_laplace`).
+
+    A task model with per-task latents beyond the weights (:mod:`hbmeta.models.latents`, e.g. an unknown noise
+    scale) carries their posteriors in ``latents``: site name -> mean-field posterior over the site's flattened
+    unconstrained values, ``[T, k]``. Everything that acts on the weights' posterior (``sample``, ``distribution``,
+    GEM's meta-gradient) ignores them; ``select``, ``cat``, ``to`` and ``detach`` carry them along.
     """
 
     loc: Tensor
@@ -42,6 +48,7 @@ class Posterior:
     cov_factor: Tensor | None = None
     laplace_scale: Tensor | None = None
     laplace_factor: Tensor | None = None
+    latents: dict[str, "Posterior"] | None = None
 
     def __post_init__(self) -> None:
         if self.loc.dim() != 2:
@@ -180,9 +187,10 @@ class Posterior:
         particle_fn = fn if particle_fn is None else particle_fn
         def opt(t):
             return None if t is None else fn(t)
+        latents = None if self.latents is None else {n: p._map(fn) for n, p in self.latents.items()}
         return Posterior(fn(self.loc), opt(self.scale), opt(self.scale_tril),
                          None if self.particles is None else particle_fn(self.particles), opt(self.cov_factor),
-                         opt(self.laplace_scale), opt(self.laplace_factor))
+                         opt(self.laplace_scale), opt(self.laplace_factor), latents)
 
     def detach(self) -> "Posterior":
         return self._map(lambda t: t.detach())
@@ -202,5 +210,16 @@ class Posterior:
         first = parts[0]
         def cat(attr, dim=0):
             return None if getattr(first, attr) is None else torch.cat([getattr(p, attr) for p in parts], dim)
+        latents = None if first.latents is None else {
+            n: Posterior.cat([p.latents[n] for p in parts]) for n in first.latents}
         return Posterior(cat("loc"), cat("scale"), cat("scale_tril"), cat("particles", 1), cat("cov_factor"),
-                         cat("laplace_scale"), cat("laplace_factor"))
+                         cat("laplace_scale"), cat("laplace_factor"), latents)
+
+    def with_latents(self, latents: dict[str, "Posterior"] | None) -> "Posterior":
+        """This posterior with the per-task latents' posteriors ``latents`` attached (each ``[T, k]``)."""
+        if latents:
+            for name, part in latents.items():
+                if part.loc.shape[0] != self.num_tasks:
+                    raise ValueError(f"latent {name!r} has posteriors for {part.loc.shape[0]} tasks; the weights' "
+                                     f"for {self.num_tasks}")
+        return dataclasses.replace(self, latents=latents or None)

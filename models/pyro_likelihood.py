@@ -10,15 +10,25 @@ r"""Your own task likelihood as a Pyro program over the network's output (GEM-BM
 **The contract.** The function samples one observed site named ``"obs"`` whose event covers a task's points
 (``.to_event(2)`` for ``[N, O]`` outputs), so its batch shape is the leading ``[*S, T]`` of ``pred``; hbmeta calls it
 inside ``pyro.plate("tasks")`` of :meth:`hbmeta.models.hierarchical.HierarchicalModel.model`. It may use anything
-Pyro offers (a heteroscedastic head, a mixture of noise models, deterministic transforms) as long as every sample
-site but ``"obs"`` is observed: a per-task latent beyond the weights would need its own variational posterior in
-the inner update, which hbmeta does not fit, and is refused with that reason rather than left out.
+Pyro offers (a heteroscedastic head, a mixture of noise models, deterministic transforms), and it may sample
+**per-task latents** besides the weights, one value per task, e.g. an unknown noise scale:
+
+.. code-block:: python
+
+    def noisy(pred, y):
+        s = pyro.sample("s", dist.LogNormal(-1.0, 0.5))          # [*S, T]: one scale per task
+        pyro.sample("obs", dist.Normal(pred, s[..., None, None]).to_event(2), obs=y)
+
+The inner update then fits a posterior ``q(s)`` per task beside the weights' (:mod:`hbmeta.models.latents`), and
+the adapted :class:`~hbmeta.models.posterior.Posterior` carries it in ``latents["s"]``.
 
 **What hbmeta does with it.** ``log_prob(pred, y)`` is the traced program's log-density of ``"obs"`` (and of any other
 observed site), so the torch fast path of the inner ELBO, :math:`\mathrm{KL}(q \| p) - E_q \log p(D \mid \theta)`, is
 the same number Pyro's ``TraceMeanField_ELBO`` computes from the model (tested equal); GEM-BML, GEM-BML+ and ABML
 meta-train through it with the SVI inner update (it has no Gauss-Newton curvature), and ``predict`` draws
-observations by running the program with ``y=None``.
+observations by running the program with ``y=None``. A program with latents has no ``log p(y | pred)`` without their
+values: the inner update runs it through Pyro's ELBO, and :meth:`PyroLikelihood.condition` fixes the latents at
+posterior draws (``MetaLearner.predict`` does, so ``PosteriorPredictive.likelihood`` scores ``y`` given both).
 """
 
 from __future__ import annotations
@@ -45,12 +55,24 @@ class PyroLikelihood(Likelihood):
         name: a label for ``repr`` and logs (default: the function's name).
     """
 
+    is_program = True
+
     def __init__(self, fn: Callable[[Tensor, Tensor | None], object], name: str | None = None):
         super().__init__()
         if not callable(fn):
             raise TypeError(f"PyroLikelihood takes a Pyro program fn(pred, y); got {type(fn).__name__}")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "pyro likelihood")
+        self.conditioned: tuple[str, ...] = ()
+
+    def condition(self, values: dict[str, Tensor]) -> "PyroLikelihood":
+        """This likelihood with the latent sites in ``values`` fixed (each ``[*S, T, *event]``, broadcasting against
+        ``pred``'s leading dims): ``log_prob`` is then ``log p(y | pred, z)``, without ``log p(z)``."""
+        if not values:
+            return self
+        conditioned = PyroLikelihood(poutine.condition(self.fn, data=values), self.name)
+        conditioned.conditioned = self.conditioned + tuple(values)
+        return conditioned
 
     def _trace(self, pred: Tensor, y: Tensor | None):
         with pyro.validation_enabled(False):
@@ -61,9 +83,10 @@ class PyroLikelihood(Likelihood):
                              f"pyro.sample('obs', <distribution over a task's points>, obs=y)")
         latent = [n for n, s in sites.items() if not s["is_observed"] and n != OBS]
         if latent:
-            raise ValueError(f"likelihood {self.name!r} has latent site(s) {latent}: a per-task latent beyond the "
-                             f"weights needs its own posterior in the inner update, which hbmeta does not fit; make it "
-                             f"a function of the network's output or a learned parameter instead")
+            raise ValueError(f"likelihood {self.name!r} has per-task latent site(s) {latent}: p(y | pred) needs their "
+                             f"values: the Bayesian inner update (SVI) fits their posterior, point-estimate baselines cannot "
+                             f"use this likelihood; score y with PyroLikelihood.condition(draws) "
+                             f"(MetaLearner.predict(...).likelihood is conditioned on posterior draws)")
         return trace, sites
 
     def pyro_model(self, pred: Tensor, y: Tensor | None) -> None:
@@ -74,9 +97,11 @@ class PyroLikelihood(Likelihood):
         _, sites = self._trace(pred, y)
         total = 0.0
         for site in sites.values():
-            if site["is_observed"]:
+            if site["is_observed"] and site["name"] not in self.conditioned:
                 lp = site["fn"].log_prob(site["value"])
-                if lp.shape != pred.shape[:lp.dim()] or lp.dim() != pred.dim() - 2:
+                lead = pred.shape[:-2]  # [*S, T]; latents fixed at [S', T] draws may add leading draws
+                if lp.shape != lead and not (self.conditioned and lp.dim() >= 1 and lp.shape[-1:] == lead[-1:]
+                                             and torch.broadcast_shapes(lp.shape, lead) == lp.shape):
                     raise ValueError(f"likelihood {self.name!r}: site {site['name']!r} has batch shape "
                                      f"{tuple(lp.shape)}; its event must cover a task's points (e.g. .to_event(2)) so "
                                      f"that the batch shape is pred's leading {tuple(pred.shape[:-2])}")

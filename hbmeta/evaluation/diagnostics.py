@@ -207,8 +207,13 @@ def posterior_to_arviz(learner: MetaLearner, posterior: Posterior, x_support: Te
     theta = posterior.to(device).sample(num_samples, generator)                      # [S, T, P]
     x_dev = x_query.to(device)
     f = torch.cat([learner.model.net(t, x_dev) for t in theta.split(_SAMPLE_CHUNK)])  # [S, T, M, out]
+    latents = {}
+    if posterior.latents:  # per-task latents besides the weights (a noise scale ...): draws beside theta's
+        sites = learner.model.latent_sites(x_dev, None)
+        latents = {n: sites[n].sample(part.to(device), num_samples, generator) for n, part in posterior.latents.items()}
+    likelihood = learner.likelihood.condition(latents) if latents else learner.likelihood
     if kind == "regression":
-        y_rep = learner.likelihood.sample(f, generator)  # observations through the likelihood
+        y_rep = likelihood.sample(f, generator)  # observations through the likelihood
         f_dims, y_dims = ["task", "point", "output"], ["task", "point", "output"]
     else:
         probs = torch.softmax(f, -1)
@@ -216,12 +221,13 @@ def posterior_to_arviz(learner: MetaLearner, posterior: Posterior, x_support: Te
         f_dims, y_dims = ["task", "point", "class"], ["task", "point"]
     flat, labels = weight_indices(learner.model.net, weights)
     T = posterior.num_tasks
-    log_lik = pointwise_log_likelihood(learner, f, y_query.to(device))                   # [S, T, M]
+    log_lik = pointwise_log_likelihood(learner.likelihood, f, y_query.to(device), latents)  # [S, T, M]
     prior_theta = _prior_draws(learner, T, num_samples, generator)                       # [S, T, P] or None
     if include_inputs is None:
         include_inputs = math.prod(x_query.shape[2:]) <= 16
     constant = {"y_support": y_support.cpu().numpy()}
-    dims = {"theta": ["task", "weight"], "f": f_dims, "y": y_dims, "y_support": ["task", "support_point", *y_dims[2:]]}
+    dims = {"theta": ["task", "weight"], "f": f_dims, "y": y_dims, "y_support": ["task", "support_point", *y_dims[2:]],
+            **{n: ["task", *(f"{n}_dim_{i}" for i in range(v.dim() - 2))] for n, v in latents.items()}}
     if include_inputs:
         constant["x_support"] = x_support.reshape(T, x_support.shape[1], -1).cpu().numpy()
         constant["x_query"] = x_query.reshape(T, x_query.shape[1], -1).cpu().numpy()
@@ -235,7 +241,8 @@ def posterior_to_arviz(learner: MetaLearner, posterior: Posterior, x_support: Te
         attrs["hbmeta_noise_scale"] = learner.likelihood.noise_scale
     with warnings.catch_warnings():  # arrays are (chain, draw, ...) by construction; few draws are fine
         warnings.filterwarnings("ignore", message="More chains .* than draws", category=UserWarning)
-        groups = {"posterior": {"theta": _draws(theta[..., flat], chains), "f": _draws(f, chains)},
+        groups = {"posterior": {"theta": _draws(theta[..., flat], chains), "f": _draws(f, chains),
+                                **{n: _draws(v, chains) for n, v in latents.items()}},
                   "posterior_predictive": {"y": _draws(y_rep, chains)},
                   "observed_data": {"y": y_query.cpu().numpy()}}
         if prior_theta is not None:
@@ -252,14 +259,19 @@ def posterior_to_arviz(learner: MetaLearner, posterior: Posterior, x_support: Te
     return idata
 
 
-def pointwise_log_likelihood(learner: MetaLearner, f: Tensor, y: Tensor) -> Tensor:
+def pointwise_log_likelihood(likelihood: Likelihood, f: Tensor, y: Tensor,
+                             latents: dict[str, Tensor] | None = None) -> Tensor:
     """``log p(y_m | f_m)`` of every query point: ``f [S, T, M, ...]``, ``y [T, M, ...]`` -> ``[S, T, M]``.
 
     Each point is scored on its own by the likelihood (any :class:`~hbmeta.models.likelihoods.Likelihood`, Pyro
-    programs included): the ``log_likelihood`` group that ``az.loo`` / ``az.waic`` / ``az.compare`` read."""
+    programs included): the ``log_likelihood`` group that ``az.loo`` / ``az.waic`` / ``az.compare`` read. A model with
+    per-task latents scores ``log p(y_m | f_m, z)`` at their draws ``latents`` (site -> ``[S, T, *event]``)."""
     S, T, M = f.shape[:3]
-    per_point = learner.likelihood.log_prob(f.reshape(S, T * M, 1, *f.shape[3:]), y.reshape(T * M, 1, *y.shape[2:]))
-    return per_point.reshape(S, T, M)
+    if latents:  # every point of a task sees its task's draw
+        likelihood = likelihood.condition({n: v.unsqueeze(2).expand(v.shape[0], T, M, *v.shape[2:])
+                                          .reshape(v.shape[0], T * M, *v.shape[2:]) for n, v in latents.items()})
+    per_point = likelihood.log_prob(f.reshape(S, T * M, 1, *f.shape[3:]), y.reshape(T * M, 1, *y.shape[2:]))
+    return per_point.reshape(-1, T, M)
 
 
 def _prior_draws(learner: MetaLearner, num_tasks: int, num_samples: int,
@@ -423,7 +435,7 @@ def _chunk_outputs(learner: MetaLearner, posterior: Posterior, part: TaskBatch, 
         log_p = torch.distributions.Normal(f, sigma).log_prob(y)
         pit = gaussian_mixture_pit(y, f, sigma)
     else:  # any other observation model: the PIT from draws of y, the density point by point
-        log_p = pointwise_log_likelihood(learner, f, y)
+        log_p = pointwise_log_likelihood(learner.likelihood, f, y, pred.latents)
         pit = (pred.observed <= y).double().mean(0)
     return {"pit": pit.cpu(), "squared_error": (f.mean(0) - y).pow(2).flatten(1).mean(1).cpu(),
             "log_predictive": (torch.logsumexp(log_p, 0) - math.log(f.shape[0])).cpu()}

@@ -14,9 +14,10 @@ from tqdm.auto import tqdm
 from hbmeta.experiments.config import TrainConfig
 from hbmeta.experiments.registry import get_experiment
 from hbmeta.experiments.resolve import resolve_config
+from hbmeta.inference.metrics import prior_scale_statistics
 from hbmeta.training.runs import (TrainResult, build_learner, check_new_run, iteration_generators, open_run_dir,
                                   restore_run, save_run_checkpoint)
-from hbmeta.training.monitor import MetricsLog, adaptation_metrics, monitor_generator, prior_statistics
+from hbmeta.training.monitor import MetricsLog, adaptation_metrics, monitor_generator
 from hbmeta.training.runtime import amp_autocast, resolve_device, torch_threads
 from hbmeta.training.scheduled import SchedulerLog, build_scheduler
 from hbmeta.training.schedulers import scheduled_meta_step
@@ -94,7 +95,7 @@ def _train(config: TrainConfig, run_dir: str | Path, resume: bool, progress: boo
                 adapted = adaptation_metrics(learner, tasks.sample(min(config.meta_batch, MONITOR_TASKS), monitor),
                                              monitor)
                 monitoring += time.perf_counter() - now
-                record = {"iteration": done, "seconds": seconds, **info, **adapted, **prior_statistics(learner)}
+                record = {"iteration": done, "seconds": seconds, **info, **adapted, **prior_scale_statistics(learner.prior)}
                 metrics.write(record)
                 bar.set_postfix(query=f"{adapted['query_loss']:.3g}", grad=f"{info['grad_norm']:.3g}")
             if done % config.checkpoint_every == 0 or done == end:

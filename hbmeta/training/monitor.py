@@ -11,7 +11,8 @@ run's inner update and reports, averaged over the tasks:
   ``inner_elbo = -(N support_nll + kl)``;
 - ``query_loss``: the likelihood's point loss (MSE for regression, cross-entropy for classification) of the
   predictive mean, and ``query_accuracy`` for classification;
-- :func:`prior_statistics`: the prior's scale, ``prior_scale`` (mean) and its min / median / max.
+- :func:`hbmeta.inference.metrics.prior_scale_statistics`: the prior's scale, ``prior_scale`` (mean) and its
+  min / median / max (``MetaLearner.meta_step`` returns them too, beside its meta-batch's own adaptation numbers).
 
 :class:`MetricsLog` writes each record to ``metrics.jsonl`` and, with ``--tensorboard``, to TensorBoard event files in
 ``RUN/tensorboard`` (the ``tensorboard`` extra).
@@ -30,7 +31,7 @@ from hbmeta.inference.learner import MetaLearner
 from hbmeta.models.likelihoods import CategoricalLikelihood
 from hbmeta.models.priors import DiagonalGaussianPrior
 
-__all__ = ["adaptation_metrics", "prior_statistics", "monitor_generator", "MetricsLog"]
+__all__ = ["adaptation_metrics", "monitor_generator", "MetricsLog"]
 
 #: posterior draws for the expected log-likelihood (the predictive mean after Gauss-Newton VI is exact)
 MONITOR_SAMPLES = 8
@@ -42,21 +43,11 @@ def monitor_generator(seed: int, iteration: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 2 + 7_919_000_000)
 
 
-@torch.no_grad()
-def prior_statistics(learner: MetaLearner) -> dict[str, float]:
-    """Mean, min, median and max of the prior's scale (a prior without one: nothing)."""
-    if not hasattr(learner.prior, "scale"):
-        return {}
-    scale = learner.prior.scale.detach().flatten().float()
-    return {"prior_scale": float(scale.mean()), "prior_scale_min": float(scale.min()),
-            "prior_scale_median": float(scale.median()), "prior_scale_max": float(scale.max())}
-
-
 def _expected_nll_per_point(learner: MetaLearner, posterior, x, y, generator) -> torch.Tensor:
     pred = learner.predict(posterior, x, MONITOR_SAMPLES, generator)
     f = pred.samples
     points = y.shape[1]
-    return -learner.likelihood.log_prob(f, y.expand(f.shape[0], *y.shape)).mean(0) / points, pred  # [T]
+    return -pred.likelihood.log_prob(f, y.expand(f.shape[0], *y.shape)).mean(0) / points, pred  # [T]
 
 
 def adaptation_metrics(learner: MetaLearner, batch: TaskBatch, generator: torch.Generator) -> dict[str, float]:
@@ -74,7 +65,7 @@ def adaptation_metrics(learner: MetaLearner, batch: TaskBatch, generator: torch.
             out["query_loss"] = float(-probs.clamp_min(1e-12).log().gather(-1, batch.y_val.unsqueeze(-1)).mean())
             out["query_accuracy"] = float((probs.argmax(-1) == batch.y_val).float().mean())
         else:
-            out["query_loss"] = float(learner.likelihood.point_loss(pred.mean, batch.y_val).mean())
+            out["query_loss"] = float(pred.likelihood.point_loss(pred.mean, batch.y_val).mean())
         prior = learner.prior
         if learner.spec.bayesian and isinstance(prior, DiagonalGaussianPrior) and posterior.kind in ("meanfield", "delta"):
             log_s = None if posterior.kind == "delta" else posterior.scale.log()

@@ -60,7 +60,7 @@ def test_default_learner_picks_svi_for_a_program_likelihood():
     assert MetaLearner(mlp(), PyroLikelihood(student_t)).inner.method == "svi"
 
 
-def test_latent_sites_and_missing_obs_are_refused_with_the_reason():
+def test_unconditioned_latents_and_missing_obs_are_refused_with_the_reason():
     def with_latent(pred, y):
         s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
         pyro.sample("obs", dist.Normal(pred, s).to_event(2), obs=y)
@@ -69,8 +69,10 @@ def test_latent_sites_and_missing_obs_are_refused_with_the_reason():
         pyro.sample("y", dist.Normal(pred, 1.0).to_event(2), obs=y)
 
     pred, y = torch.zeros(2, 5, 1), torch.zeros(2, 5, 1)
-    with pytest.raises(ValueError, match=r"latent site\(s\) \['s'\].*does not fit"):
+    with pytest.raises(ValueError, match=r"per-task latent site\(s\) \['s'\]: p\(y \| pred\) needs their values"):
         PyroLikelihood(with_latent).log_prob(pred, y)
+    given = PyroLikelihood(with_latent).condition({"s": torch.full((2, 1, 1), 2.0)})  # log p(y | pred, s), no log p(s)
+    assert torch.allclose(given.log_prob(pred, y), dist.Normal(0.0, 2.0).log_prob(torch.zeros(2, 5)).sum(-1))
     with pytest.raises(ValueError, match="samples no site named 'obs'"):
         PyroLikelihood(no_obs).log_prob(pred, y)
     with pytest.raises(ValueError, match=r"batch shape \(2, 5\).*to_event\(2\)"):
@@ -78,7 +80,7 @@ def test_latent_sites_and_missing_obs_are_refused_with_the_reason():
 
 
 class NoisyModel(HierarchicalModel):
-    """A user's own model program with an extra per-task latent (not supported: refused, not silently skipped)."""
+    """A user's own model program with an extra per-task latent noise scale."""
 
     def model(self, x, y, prior=None, noise=None):
         num_tasks = x.shape[0]
@@ -98,12 +100,16 @@ def test_an_overridden_model_is_run_through_pyro_or_refused_never_skipped():
     model = NoisyModel(net, DiagonalGaussianPrior(net.initial_vector(), torch.tensor(0.1).log()), GaussianLikelihood(0.3))
     batch = SinusoidTasks().sample(2, torch.Generator().manual_seed(0))
     start = model.initial_posterior(batch.x_train, batch.y_train)
-    with pytest.raises(ValueError, match="overrides HierarchicalModel.model.*method='svi'"):
+    with pytest.raises(ValueError, match="Gauss-Newton.*method='svi'"):
         fit_posterior(model, MeanFieldGuide(), batch.x_train, batch.y_train, start,
                       config=InnerConfig(method="gauss-newton"))
+    post = fit_posterior(model, MeanFieldGuide(), batch.x_train, batch.y_train, start,
+                         config=InnerConfig(method="svi", steps=3, lr=0.01))
+    assert set(post.latents) == {"s"} and post.latents["s"].loc.shape == (2, 1)  # its own posterior, not skipped
     with pytest.raises(ValueError, match=r"samples latent site 's' that the guide does not cover"):
-        fit_posterior(model, MeanFieldGuide(), batch.x_train, batch.y_train, start,
-                      config=InnerConfig(method="svi", steps=1, lr=0.1, optimizer="sgd"))
+        from hbmeta.inference.inner import negative_elbo  # the ELBO without the latents' guide
+        negative_elbo(model, MeanFieldGuide(), MeanFieldGuide().init_params(start), batch.x_train, batch.y_train,
+                      model.prior.distribution(2), torch.zeros(1, 2, net.num_params), backend="pyro")
 
 
 def test_the_concepts_docs_example_runs():
@@ -111,8 +117,11 @@ def test_the_concepts_docs_example_runs():
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "concepts.md").read_text()
-    (code,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "PyroLikelihood(" in b]
+    first, latent = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "PyroLikelihood(" in b]
     scope: dict = {}
-    exec(compile(code, "docs/concepts.md", "exec"), scope)
+    exec(compile(first, "docs/concepts.md", "exec"), scope)
     low, high = scope["low"], scope["high"]
     assert low.shape == high.shape == (1, 10, 1) and (low < high).all()
+    exec(compile(latent, "docs/concepts.md", "exec"), scope)  # the per-task latent example, in the same session
+    assert scope["q_s"].loc.shape == (1, 1) and scope["draws_of_s"].shape == (200, 1)
+    assert (scope["draws_of_s"] > 0).all()

@@ -33,6 +33,8 @@ def test_logged_metrics_describe_adaptation_and_the_prior(tmp_path):
     assert again["query_loss"] == pytest.approx(last["query_loss"], rel=1e-6)
     n = config.k_shot
     assert last["inner_elbo"] == pytest.approx(-(n * last["support_nll"] + last["kl"]), rel=1e-3)
+    for key in ("batch_support_nll", "batch_query_nll", "batch_query_loss", "batch_kl", "batch_inner_elbo"):
+        assert key in last and last[key] == last[key], key  # meta_step's own adaptation, logged beside
 
 
 def test_point_estimates_log_no_elbo(tmp_path):
@@ -40,6 +42,7 @@ def test_point_estimates_log_no_elbo(tmp_path):
     train(config, tmp_path / "maml", progress=False)
     last = _records(tmp_path / "maml")[-1]
     assert "query_loss" in last and "inner_elbo" not in last and "kl" not in last
+    assert "batch_query_loss" not in last  # MAML's meta-gradient fits no posterior to report on
 
 
 def test_monitoring_leaves_the_runs_parameters_unchanged(tmp_path):
