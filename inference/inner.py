@@ -24,6 +24,7 @@ reparameterised draw - i.e. exactly ``Trace_ELBO`` for that site (``tests/test_p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -139,6 +140,19 @@ class InnerConfig:
             raise ValueError(f"unknown variance {self.variance!r}; choose 'meanfield' or 'marginal'")
         if self.estimator not in ("local", "reparam"):
             raise ValueError(f"unknown estimator {self.estimator!r}; choose 'local' or 'reparam'")
+        if self.val_steps is not None and not (isinstance(self.val_steps, int) and self.val_steps >= 0):
+            raise ValueError(f"val_steps={self.val_steps!r} must be an integer >= 0 (or None for steps)")
+        if self.scale_lr is not None and not (isinstance(self.scale_lr, (int, float)) and math.isfinite(self.scale_lr)
+                                              and self.scale_lr > 0):
+            raise ValueError(f"scale_lr={self.scale_lr!r} must be a finite number > 0 (or None for lr)")
+        for name in ("steps", "num_samples", "cg_steps", "line_search", "probes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be an integer")
+        for name in ("lr", "imaml_lambda", "tolerance"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number")
         if self.latent_lr is not None and not self.latent_lr > 0:
             raise ValueError(f"latent_lr={self.latent_lr} must be > 0 (or None for lr)")
         if self.clip_norm is not None and not self.clip_norm > 0:
@@ -558,7 +572,16 @@ def sgd_adapt(model: HierarchicalModel, theta: Tensor, x: Tensor, y: Tensor, ste
             theta = theta.detach().requires_grad_()
         if callback is not None:
             callback(step, theta.detach())
+    _check_point_estimate(theta, steps, lr, "inner SGD")
     return theta
+
+
+def _check_point_estimate(theta: Tensor, steps: int, lr: float, what: str) -> None:
+    """After a point-estimate inner loop: NaN / inf weights name the task(s) (one check, not one per step)."""
+    if not torch.isfinite(theta.detach().sum()):
+        bad = (~torch.isfinite(theta.detach())).flatten(1).any(1).nonzero().flatten().tolist()
+        raise InnerLoopDivergedError(f"inner loop diverged by step {steps} ({what}): the weights of task(s) {bad} are "
+                                     f"NaN/inf; lower the inner learning rate (now {lr})")
 
 
 def optimizer_adapt(model: HierarchicalModel, theta: Tensor, x: Tensor, y: Tensor, config: InnerConfig,
@@ -576,4 +599,5 @@ def optimizer_adapt(model: HierarchicalModel, theta: Tensor, x: Tensor, y: Tenso
         opt.step()
         if callback is not None:
             callback(step, theta.detach().clone())
+    _check_point_estimate(theta, steps if steps is not None else config.steps, config.lr, f"inner {config.optimizer}")
     return theta.detach()

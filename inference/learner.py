@@ -18,6 +18,7 @@ register) beside their meta-gradients; importing this module imports them all.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -108,6 +109,16 @@ def step_prior(prior: Prior, optimizer: torch.optim.Optimizer, grads: dict[str, 
 FULL_COVARIANCE_WARN_PARAMS = 2000
 
 
+def _check_inputs(t, what: str, features: bool = True) -> None:
+    """A tensor of task data: ``[tasks, points, features...]`` for inputs (a 2-d array would be read as one-point
+    tasks), ``[tasks, points, ...]`` for targets."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor; got {type(t).__name__} (convert it with torch.as_tensor)")
+    if features and t.dim() < 3:
+        raise ValueError(f"{what} must be [tasks, points, features...] (3 or more dims); got shape {tuple(t.shape)}: "
+                         f"for one task add a leading dimension, x[None]")
+
+
 def _warn_if_costly(guide: Guide, num_params: int) -> None:
     """Say what a full-covariance guide on a big net costs before minutes go by without a word."""
     if getattr(guide, "name", None) == "fullcov" and num_params > FULL_COVARIANCE_WARN_PARAMS:
@@ -161,6 +172,25 @@ class MetaLearner:
     iteration: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.net, nn.Module):
+            raise TypeError(f"net must be a torch nn.Module (or a BatchedNet around one); got {type(self.net).__name__}")
+        if not isinstance(self.algorithm, str):
+            raise TypeError(f"algorithm must be a name, one of {', '.join(ALGORITHMS)}; got {self.algorithm!r}")
+        if not isinstance(self.likelihood, Likelihood):
+            raise TypeError(f"likelihood must be a hbmeta Likelihood (GaussianLikelihood, CategoricalLikelihood, "
+                            f"PyroLikelihood(fn), ...); got {type(self.likelihood).__name__}")
+        if not (isinstance(self.meta_lr, (int, float)) and not isinstance(self.meta_lr, bool)
+                and math.isfinite(self.meta_lr) and self.meta_lr > 0):
+            raise ValueError(f"meta_lr must be a finite number > 0; got {self.meta_lr!r}")
+        if self.prior_scale is not None and not (isinstance(self.prior_scale, (int, float))
+                                                 and not isinstance(self.prior_scale, bool)
+                                                 and math.isfinite(self.prior_scale) and self.prior_scale > 0):
+            raise ValueError(f"prior_scale must be a finite number > 0 (or None for the default); got {self.prior_scale!r}")
+        if self.max_prior_scale not in (None, "auto") and not (
+                isinstance(self.max_prior_scale, (int, float)) and math.isfinite(self.max_prior_scale)
+                and self.max_prior_scale > 0):
+            raise ValueError(f"max_prior_scale must be a finite number > 0, None (no ceiling) or 'auto'; "
+                             f"got {self.max_prior_scale!r}")
         self.spec = get_algorithm(self.algorithm)
         self.algorithm = self.spec.name
         if self.inner is None:
@@ -221,6 +251,9 @@ class MetaLearner:
         (``batch_support_nll``, ``batch_query_nll``, ``batch_query_loss``, ``batch_query_accuracy``, ``batch_kl``,
         ``batch_inner_elbo``: :mod:`hbmeta.inference.metrics`); and the prior's scale after the step
         (``prior_scale``, ``prior_scale_min`` / ``_median`` / ``_max``) where it has one."""
+        if not isinstance(batch, TaskBatch):
+            raise TypeError(f"meta_step takes a TaskBatch (e.g. SinusoidTasks().sample(25)); got {type(batch).__name__}")
+        _check_inputs(batch.x_train, "meta_step: x_train")
         batch = batch.to(self.device)
         grads, posterior = self.spec.meta_gradient_and_posterior(self, batch, generator)
         adapted = {} if posterior is None else batch_adaptation_metrics(self.model, posterior, batch)
@@ -251,8 +284,12 @@ class MetaLearner:
         the prior mean and return a point-mass posterior; iMAML solves its proximal inner problem (as in
         meta-training); BMAML runs SVGD from its particles and returns them. ``x [T, K, ...]``, ``y [T, K, ...]``.
         """
+        _check_inputs(x, "adapt: x")
+        _check_inputs(y, "adapt: y", features=False)
         check_task_data(x, y, "adaptation data")
         self.likelihood.check_targets(y, x)
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+            raise ValueError(f"adapt: steps must be an integer >= 0 (or None for the inner update's); got {steps!r}")
         x, y = x.to(self.device), y.to(self.device)
         cfg = inner or self.inner
         steps = cfg.steps if steps is None else steps
@@ -275,6 +312,15 @@ class MetaLearner:
         - A posterior with per-task latents besides the weights (``posterior.latents``) adds ``num_samples`` draws of
           each as a site of the predictive; ``obs`` is drawn given them and ``.likelihood`` is conditioned on them.
         """
+        if not isinstance(posterior, Posterior):
+            raise TypeError(f"predict: posterior must be a Posterior (from adapt); got {type(posterior).__name__}")
+        _check_inputs(x, "predict: x")
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"predict: num_samples must be an integer >= 1; got {num_samples!r}")
+        if x.shape[0] != posterior.num_tasks:
+            raise ValueError(f"predict: x has {x.shape[0]} tasks but the posterior has {posterior.num_tasks}")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError("predict: x contains NaN or inf")
         x = x.to(self.device)
         if posterior.has_laplace:
             return self._linearised_predictive(posterior, x, num_samples, generator)

@@ -143,13 +143,21 @@ class GaussianLikelihood(Likelihood):
         noise = torch.randn(pred.shape, generator=generator, device=pred.device, dtype=pred.dtype)
         return pred + self._scale().to(pred) * noise
 
+    @staticmethod
+    def _check_outputs(pred: Tensor, y: Tensor) -> None:
+        if pred.shape[-2:] != y.shape[-2:]:
+            raise ValueError(f"the network gives {tuple(pred.shape[-2:])} (points, outputs) per task but the targets are "
+                             f"{tuple(y.shape[-2:])}: its output layer must have {y.shape[-1]} output(s) for these targets")
+
     def log_prob(self, pred: Tensor, y: Tensor) -> Tensor:
         """The same value as ``distribution(pred).log_prob(y)``, without building a distribution object."""
+        self._check_outputs(pred, y)
         log_s = self.log_noise.to(pred)
         z = (y - pred) / log_s.exp()
         return (-0.5 * z.square()).flatten(-2).sum(-1) - y.shape[-2] * y.shape[-1] * (log_s + 0.5 * math.log(2 * math.pi))
 
     def point_loss(self, pred: Tensor, y: Tensor) -> Tensor:
+        self._check_outputs(pred, y)
         return (pred - y).pow(2).flatten(-2).mean(-1)
 
     def curvature(self, pred: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

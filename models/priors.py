@@ -118,6 +118,8 @@ class DiagonalGaussianPrior(Prior):
     def from_module(cls, module: nn.Module, scale: float = 0.1, learn_scale: bool = True,
                     max_scale: float | None = None) -> "DiagonalGaussianPrior":
         """A prior centred at ``module`` 's current weights with scale ``scale`` on every weight."""
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0 (the prior sd of every weight); got {scale!r}")
         loc = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
         return cls(loc, math.log(scale), learn_scale, max_scale)
 

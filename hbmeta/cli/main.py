@@ -88,6 +88,8 @@ def _add_train(sub) -> None:
     p.add_argument("--max-kl", type=float, default=None, help="RL: TRPO's KL bound (inner TRPO, MAML's meta-update)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds another run's "
+                   "files (config.json, metrics.jsonl, checkpoint.pt, ...), removing them first")
     p.add_argument("--distributed", action="store_true", help="under torchrun: split each meta-batch's tasks over "
                    "the ranks, all-reduce the meta-gradient (docs/distributed.md)")
     p.add_argument("--private", action="store_true", help="distributed GEM-BML(+): ranks send only posterior "
@@ -135,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hbmeta", description="Bayesian meta-learning with Gradient-EM (GEM-BML).",
                                      formatter_class=_Help)
     parser.add_argument("--version", action="version", version=f"hbmeta {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
 
@@ -210,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench", help="folder for the table and JSON (accuracy: runs/accuracy)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: the benchmark's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    _check_numeric_options(parser)
     return parser
 
 
@@ -226,7 +230,7 @@ def _print_evaluation(evaluation: dict) -> None:
 
 
 #: options of ``hbmeta train`` that are not run settings
-_NOT_SETTINGS = ("command", "out", "resume", "no_progress", "eval_tasks", "config", "tensorboard")
+_NOT_SETTINGS = ("command", "out", "resume", "overwrite", "no_progress", "eval_tasks", "config", "tensorboard", "debug")
 
 
 def train_settings(args) -> dict:
@@ -268,13 +272,14 @@ def _cmd_train(args) -> int:
     if get_experiment(config.experiment).metric == "return":  # meta-RL (hbmeta.tasks.rl)
         from hbmeta.cli.rl import train_command
 
-        return train_command(config, args.out, args.resume, not args.no_progress, args.eval_tasks)
-    result = train(config, args.out, resume=args.resume, progress=not args.no_progress, tensorboard=args.tensorboard)
+        return train_command(config, args.out, args.resume, not args.no_progress, args.eval_tasks, args.overwrite)
+    result = train(config, args.out, resume=args.resume, progress=not args.no_progress, tensorboard=args.tensorboard,
+                   overwrite=args.overwrite)
     if result.rank != 0:  # a distributed run: rank 0 evaluates and writes the files
         return 0
     steps = tuple(sorted({0, 1, 5, 10, config.inner.test_steps}))
     evaluation = evaluate_experiment(result.learner, config, steps, num_tasks=args.eval_tasks)
-    (Path(args.out) / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    _write_json(Path(args.out), "evaluation.json", evaluation)
     print(f"trained {config.algorithm} on {config.experiment} for {config.iterations} iterations in {result.seconds:.1f}s")
     _print_evaluation(evaluation)
     written = [f"{args.out}/evaluation.json"]
@@ -304,17 +309,17 @@ def _write_json(folder: Path, name: str, data) -> Path:
 def _cmd_evaluate(args) -> int:
     from hbmeta.cli.rl import evaluate_command, is_rl_run
     from hbmeta.evaluation.meta_test import evaluate_experiment
-    from hbmeta.training.runs import load_learner
+    from hbmeta.training.runs import load_learner, write_evaluation
 
     out = Path(args.out) if args.out is not None else _run_folder(args.run)
     if is_rl_run(args.run):  # meta-RL: average return after 0..steps adaptation steps
         return evaluate_command(args.run, args.steps, args.tasks, args.seed, out)
     learner, config, iteration = load_learner(args.run, args.device)
     evaluation = evaluate_experiment(learner, config, tuple(range(args.steps + 1)), num_tasks=args.tasks, seed=args.seed)
-    print(f"{config.algorithm} on {config.experiment}, checkpoint at iteration {iteration}, "
-          f"{next(iter(evaluation.values())).get('num_tasks', args.tasks or 100)} new tasks")
+    num_tasks = next(iter(evaluation.values())).get("num_tasks", args.tasks or 100)
+    print(f"{config.algorithm} on {config.experiment}, checkpoint at iteration {iteration}, {num_tasks} new tasks")
     _print_evaluation(evaluation)
-    print(f"wrote {_write_json(out, 'evaluation.json', evaluation)}")
+    print(f"wrote {write_evaluation(out, evaluation, tasks=num_tasks, steps=args.steps, seed=args.seed, checkpoint_iteration=iteration)}")
     return 0
 
 
@@ -463,7 +468,57 @@ def _cmd_bench(args) -> int:
     return _report(config, bench.run_step_benchmark, bench.format_step_table, bench.write_step_benchmark, args.out)
 
 
+#: numeric options that are not run settings (those are checked against hbmeta.experiments.config.RANGES)
+_OPTION_RANGES = {"eval_tasks": (int, 1), "tasks": (int, 1), "steps": (int, 0), "samples": (int, 1), "seed": (int, 0),
+                  "threads": (int, 1), "repeats": (int, 1), "queries": (int, 1), "warmup": (int, 0)}
+
+
+def _checked_type(name: str, allowed):
+    """An argparse ``type`` that parses a flag and checks it against ``allowed`` (a
+    :class:`~hbmeta.experiments.config.Range`): bad values are refused at parse time, naming what is allowed."""
+    def parse(text: str):
+        try:
+            value = allowed.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {allowed.describe()}; got {text!r}") from None
+        try:
+            return allowed.check(name, value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    parse.__name__ = name
+    return parse
+
+
+def _check_numeric_options(parser: argparse.ArgumentParser, command: str | None = None) -> None:
+    """Give every numeric option of every subcommand a checked type: ``hbmeta train``'s run settings their ranges in
+    :data:`~hbmeta.experiments.config.RANGES` (the one table the Python API checks too), the others
+    :data:`_OPTION_RANGES`."""
+    from hbmeta.experiments.config import RANGES, Range
+
+    for action in parser._actions:  # argparse keeps the subcommands' parsers in its _SubParsersAction
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                _check_numeric_options(subparser, name)
+        elif action.type in (int, float):
+            allowed = RANGES.get(action.dest) if command == "train" else None
+            if allowed is None and action.dest in _OPTION_RANGES:
+                kind, low = _OPTION_RANGES[action.dest]
+                allowed = Range(kind, low)
+            if allowed is None and command in ("demo",) and action.dest in RANGES:
+                allowed = RANGES[action.dest]
+            if allowed is not None:
+                action.type = _checked_type(action.dest, allowed)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``hbmeta`` command. An error is one line on stderr, with exit status 2 for a bad setting or input (argparse's
+    own usage errors too) and 1 for a failure while running (a missing or damaged checkpoint, a diverging inner loop,
+    a locked run folder, a full disk). A missing file or folder the command was pointed at counts as a bad input.
+    ``hbmeta --debug ...`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "evaluate": _cmd_evaluate, "demo": _cmd_demo,
                "gradient-study": _cmd_gradient_study, "bench": _cmd_bench, "diagnose": _cmd_diagnose,
@@ -474,7 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with torch_threads(getattr(args, "threads", 1)):  # 1 CPU thread is fastest for the small nets
             return handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ArithmeticError) as err:
-        print(f"hbmeta {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # noqa: BLE001 - every error becomes one line (with --debug: the traceback)
+        if args.debug:
+            raise
+        usage = isinstance(err, FileNotFoundError) or (  # a path, setting or input the command was given is wrong
+            isinstance(err, (ValueError, TypeError, KeyError, FileExistsError)) and not isinstance(err, RuntimeError))
+        print(f"hbmeta {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2 if usage else 1
 

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -35,10 +36,76 @@ from hbmeta.inference.learner import get_algorithm
 from hbmeta.models.prior_factory import PRIORS
 
 __all__ = ["TrainConfig", "InnerSettings", "ModelSettings", "RLSettings", "SchedulerSettings", "DistributedSettings",
-           "SCHEDULERS", "FLAT_FIELDS"]
+           "SCHEDULERS", "FLAT_FIELDS", "Range", "RANGES", "check_setting", "BOOLEAN_SETTINGS"]
 
 #: task schedulers (:mod:`hbmeta.training.schedulers` builds them)
 SCHEDULERS = ("uniform", "greedy", "ats")
+
+
+@dataclass(frozen=True)
+class Range:
+    """What a numeric setting may be: an integer or a finite number, at least (or above) ``low``, at most ``high``."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    above: bool = False  # the value must be > low, not >= low
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a finite number"
+        if self.low is not None and self.high is not None:
+            return f"{what} in {'(' if self.above else '['}{self.low}, {self.high}]"
+        if self.low is not None:
+            return f"{what} {'>' if self.above else '>='} {self.low}"
+        return what if self.high is None else f"{what} <= {self.high}"
+
+    def check(self, name: str, value: Any) -> Any:
+        """``value`` if allowed, else a ValueError naming ``name``, the value and what is allowed."""
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if self.kind is int:
+            ok = numeric and isinstance(value, int)
+        else:
+            ok = numeric and math.isfinite(value)
+        if ok and self.low is not None:
+            ok = value > self.low if self.above else value >= self.low
+        if ok and self.high is not None:
+            ok = value <= self.high
+        if not ok:
+            raise ValueError(f"{name} must be {self.describe()}; got {value!r}")
+        return value
+
+
+#: every numeric setting, by flat name (the command-line flag without dashes), and what it may be; ``None``
+#: (a default filled in by resolution) is always allowed
+RANGES: dict[str, Range] = {
+    "iterations": Range(int, 0), "meta_batch": Range(int, 1), "k_shot": Range(int, 1), "k_query": Range(int, 0),
+    "ways": Range(int, 1), "class_budget": Range(int, 1), "label_noise": Range(float, 0, 1),
+    "meta_lr": Range(float, 0, 10, above=True), "seed": Range(int, 0, 2**63 - 1), "threads": Range(int, 1, 4096),
+    "checkpoint_every": Range(int, 1), "log_every": Range(int, 1),
+    "inner_steps": Range(int, 0, 100_000), "inner_lr": Range(float, 0, 1000, above=True),
+    "inner_scale_lr": Range(float, 0, 1000, above=True), "num_samples": Range(int, 1, 100_000),
+    "clip_norm": Range(float, 0, above=True), "imaml_lambda": Range(float, 0, above=True), "cg_steps": Range(int, 1),
+    "test_steps": Range(int, 0, 100_000),
+    "prior_components": Range(int, 1), "prior_scale": Range(float, 0, 1000, above=True),
+    "max_prior_scale": Range(float, 0), "noise_scale": Range(float, 0, above=True),
+    "horizon": Range(int, 1), "max_kl": Range(float, 0, above=True),
+    "pool_size": Range(int, 1), "temperature": Range(float, 0, above=True), "scheduler_lr": Range(float, 0, above=True),
+    "scheduler_warmup": Range(int, 0),
+}
+#: settings that are True or False
+BOOLEAN_SETTINGS = ("amp", "learn_likelihood", "distributed", "private")
+
+
+def check_setting(name: str, value: Any) -> Any:
+    """``value`` if the setting ``name`` (a flat name) may take it (``None``: its default), else a one-line
+    ValueError that names the setting, the value and what is allowed."""
+    if value is None:
+        return value
+    if name in RANGES:
+        return RANGES[name].check(name, value)
+    if name in BOOLEAN_SETTINGS and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false; got {value!r}")
+    return value
 
 
 @dataclass
@@ -174,20 +241,16 @@ class TrainConfig:
         self.check()
 
     def check(self) -> None:
-        """Check the values that are set (``None``: a default, filled in by resolution) against what is allowed."""
-        def at_least(name: str, value, low) -> None:
-            if value is not None and value < low:
-                raise ValueError(f"{name} must be >= {low}; got {value}")
-
+        """Check the values that are set (``None``: a default, filled in by resolution) against what is allowed:
+        every numeric setting against :data:`RANGES`, the names against their registries."""
+        for name in ("experiment", "algorithm", "device", "split"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a name (a string); got {getattr(self, name)!r}")
         get_algorithm(self.algorithm)  # a clear error for an unknown (or unregistered) name
         if self.model.prior not in PRIORS:
             raise ValueError(f"unknown prior {self.model.prior!r}; choose one of {', '.join(PRIORS)}")
-        at_least("iterations", self.iterations, 0)
-        for name in ("meta_batch", "k_shot", "ways", "checkpoint_every", "log_every"):
-            at_least(name, getattr(self, name), 1)
-        at_least("k_query", self.k_query, 0)
-        if not 0.0 <= self.label_noise <= 1.0:
-            raise ValueError(f"label_noise must be in [0, 1]; got {self.label_noise}")
+        for name, value in self.to_flat().items():
+            check_setting(name, value)
         if self.scheduler.name not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler.name!r}; choose one of {', '.join(SCHEDULERS)}")
         if self.scheduler.name != "uniform" and (self.distributed.enabled or self.distributed.private):
@@ -197,8 +260,6 @@ class TrainConfig:
             raise ValueError(f"pool_size={self.scheduler.pool_size} must be at least meta_batch={self.meta_batch}")
         if self.scheduler.temperature is not None and not self.scheduler.temperature > 0:
             raise ValueError(f"temperature must be positive; got {self.scheduler.temperature}")
-        if self.model.prior_components < 1:
-            raise ValueError(f"prior_components must be >= 1; got {self.model.prior_components}")
 
     def inner_config(self) -> InnerConfig:
         """The inner update's :class:`~hbmeta.inference.inner.InnerConfig` (of a resolved config)."""

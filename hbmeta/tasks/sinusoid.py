@@ -61,6 +61,9 @@ class SinusoidTasks:
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
             raise ValueError(f"unknown sinusoid setting {self.setting!r}; choose one of {sorted(SETTINGS)}")
+        lo, hi = self.x_range
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"x_range must be (low, high) with finite low < high; got {self.x_range!r}")
         if self.k_shot < 1 or self.k_query < 1:
             raise ValueError(f"k_shot and k_query must be >= 1; got {self.k_shot}, {self.k_query}")
         self.spec = SETTINGS[self.setting]

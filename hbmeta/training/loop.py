@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from hbmeta.experiments.resolve import resolve_config
 from hbmeta.inference.metrics import prior_scale_statistics
 from hbmeta.training.runs import (TrainResult, build_learner, check_new_run, iteration_generators, open_run_dir,
                                   restore_run, save_run_checkpoint)
+from hbmeta.training.lock import RunLock
 from hbmeta.training.monitor import MetricsLog, adaptation_metrics, monitor_generator
 from hbmeta.training.runtime import amp_autocast, resolve_device, torch_threads
 from hbmeta.training.scheduled import SchedulerLog, build_scheduler
@@ -28,7 +30,7 @@ __all__ = ["train"]
 MONITOR_TASKS = 8
 
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None, tensorboard: bool = False) -> TrainResult:
+          stop_after: int | None = None, tensorboard: bool = False, overwrite: bool = False) -> TrainResult:
     """Meta-train per ``config`` into ``run_dir`` (see :func:`_train`), with ``config.threads`` CPU threads.
 
     ``config``'s unset fields take their defaults (:func:`hbmeta.experiments.resolve_config`); the result's
@@ -37,7 +39,26 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
     :func:`hbmeta.training.distributed.train_distributed`. Every ``log_every`` iterations a line of
     ``metrics.jsonl`` (and with ``tensorboard`` a TensorBoard scalar each) says how the current prior adapts
     (:mod:`hbmeta.training.monitor`).
+
+    The run folder is locked for the whole run (:class:`hbmeta.training.lock.RunLock`: a second writer is refused
+    with the holder's name). A fresh run refuses a folder that holds another run's files unless ``overwrite``
+    (which removes them first, :func:`hbmeta.training.runs.clear_run`).
     """
+    if resume and overwrite:
+        raise ValueError("resume=True continues the run in the folder and overwrite=True removes it: choose one")
+    if not str(run_dir).strip():
+        raise ValueError("the run folder (--out) is empty; name a folder, e.g. --out runs/sinusoid")
+    run_dir = Path(run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 writes (and checks) the run folder
+        return _train_any(config, run_dir, resume, progress, stop_after, tensorboard)
+    with RunLock(run_dir):
+        if not resume:
+            check_new_run(run_dir, overwrite)
+        return _train_any(config, run_dir, resume, progress, stop_after, tensorboard)
+
+
+def _train_any(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, stop_after: int | None,
+               tensorboard: bool) -> TrainResult:
     from hbmeta.training.distributed import train_distributed, world_size_from_env
 
     config = resolve_config(config)

@@ -5,8 +5,10 @@ A run folder holds::
     config.json        the TrainConfig
     metrics.jsonl      one JSON object per logged iteration
     checkpoint.pt      the latest state (atomic; ``train(..., resume=True)`` continues from it)
-    evaluation.json    meta-test error vs adaptation steps (written by ``hbmeta train`` / ``evaluate``)
+    evaluation.json    meta-test error vs adaptation steps (written by ``hbmeta train``; ``hbmeta evaluate`` writes
+                       evaluation-<settings>.json, keyed by its tasks, steps and seed)
     plots/             PNGs
+    .lock, .lock.json  the writer's lock and who holds it (:mod:`hbmeta.training.lock`)
 
 Checkpoints are written atomically (temp file + fsync + rename) and read with ``weights_only=True``; run logs
 are trimmed back to a checkpoint's iteration on resume. Every random number of iteration ``i`` comes from
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,28 +35,50 @@ from hbmeta.inference.learner import MetaLearner
 from hbmeta.models.prior_factory import make_prior
 from hbmeta.training.runtime import resolve_device
 
-__all__ = ["save_checkpoint", "load_checkpoint", "trim_log", "atomic_write_text", "CheckpointError", "CHECKPOINT",
+__all__ = ["save_checkpoint", "load_checkpoint", "trim_log", "atomic_write_text", "CheckpointError", "CheckpointNotFoundError", "RunWriteError",
+           "CHECKPOINT", "RUN_FILES", "clear_run",
            "RESUMABLE_CHANGES", "iteration_generators", "TrainResult", "build_learner", "load_learner",
-           "save_run_checkpoint", "restore_run", "check_new_run", "open_run_dir"]
+           "save_run_checkpoint", "restore_run", "check_new_run", "open_run_dir", "write_evaluation", "load_learner_state"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or not an hbmeta checkpoint."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was expected (a wrong path, or a run that never checkpointed)."""
+
+
+class RunWriteError(OSError):
+    """A run file could not be written (disk full, read-only folder); the previous version of the file is intact."""
+
+
 def _atomic_write(path: str | Path, write) -> Path:
-    """``write(binary file)`` into a temp file beside ``path``, fsync, rename: a crash leaves the old or the new file."""
+    """``write(binary file)`` into a temp file beside ``path``, fsync, rename: a crash leaves the old or the new file.
+
+    Raises:
+        RunWriteError: when the folder cannot be written or the disk fills up, saying that the old file is intact.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError("[enforce fail ...")
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RunWriteError(f"could not write {path} ({reason}); {kept}: free disk space or make {path.parent} "
+                            f"writable, then resume") from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
@@ -72,7 +97,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain containers only)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated / foreign files
@@ -86,8 +111,20 @@ def trim_log(path: str | Path, start: int) -> None:
     """Drop the JSON lines of a run log logged after iteration ``start`` (the checkpoint a run resumes from)."""
     path = Path(path)
     if path.exists():
-        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= start]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        kept, lines = [], path.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                iteration = json.loads(line)["iteration"]
+            except (ValueError, KeyError, TypeError):
+                if number == len(lines):  # the last line, cut short by a kill: drop it
+                    continue
+                raise CheckpointError(f"{path} line {number} is not a JSON record with an 'iteration': "
+                                      f"{line[:60]!r}; fix or delete that line, then resume") from None
+            if iteration <= start:
+                kept.append(line)
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
 
 # ------------------------------------------------------------------------------------------ run folders
@@ -135,10 +172,24 @@ def load_learner(run_dir: str | Path, device: str = "auto") -> tuple[MetaLearner
     """Rebuild the meta-learner of a run folder from its checkpoint: ``(learner, config, iteration)``."""
     dev = resolve_device(device)
     state = load_checkpoint(Path(run_dir) / CHECKPOINT if Path(run_dir).is_dir() else run_dir, map_location=dev)
-    config = TrainConfig.from_dict(state["config"])
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"the config inside {run_dir} is not a valid hbmeta config: {err}") from None
     learner = build_learner(config, dev)
-    learner.load_state_dict(state["learner"])
+    load_learner_state(learner, state["learner"], run_dir)
     return learner, config, int(state["iteration"])
+
+
+def load_learner_state(learner: MetaLearner, state: dict, where: str | Path) -> None:
+    """``learner.load_state_dict(state)``, with a :class:`CheckpointError` naming the file when the state does not
+    fit the learner its config builds (missing entries, other shapes)."""
+    try:
+        learner.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"the learner state in {where} does not match the learner its config builds "
+                              f"({type(err).__name__}: {first}); it was damaged or spliced from another run") from None
 
 
 def save_run_checkpoint(learner: MetaLearner, config: TrainConfig, iteration: int, run_dir: Path, scheduler=None) -> None:
@@ -154,16 +205,62 @@ def restore_run(config: TrainConfig, run_dir: Path, learner: MetaLearner, schedu
     changed = {k for k, v in config.to_flat().items() if saved.get(k) != v} - RESUMABLE_CHANGES
     if changed:
         raise ValueError(f"cannot resume {run_dir}: the config differs from the checkpoint's in {sorted(changed)}")
-    learner.load_state_dict(state["learner"])
+    iteration = state["iteration"]
+    if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0 \
+            or iteration > saved.get("iterations", iteration):
+        raise CheckpointError(f"{run_dir / CHECKPOINT} claims iteration {iteration!r}, outside 0..{saved.get('iterations')} "
+                              f"of its own config: the file is damaged or not from this run")
+    if iteration > config.iterations:
+        raise ValueError(f"cannot resume {run_dir}: its checkpoint is at iteration {iteration} but --iterations is "
+                         f"{config.iterations}; give --iterations {iteration} or more")
+    load_learner_state(learner, state["learner"], run_dir / CHECKPOINT)
     if scheduler is not None:  # the task scheduler's parameters, optimizer and baseline (hbmeta.training.schedulers)
         scheduler.load_state_dict(state["scheduler"])
     return int(state["iteration"])
 
 
-def check_new_run(run_dir: Path) -> None:
-    """A fresh run must not overwrite another: a folder holding a checkpoint needs ``--resume``."""
-    if (run_dir / CHECKPOINT).exists():
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+#: what a run writes into its folder (``--overwrite`` removes these and nothing else)
+RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, "evaluation.json", "scheduler.jsonl", "plots", "tensorboard")
+
+
+def clear_run(run_dir: Path) -> list[str]:
+    """Remove what an earlier run wrote into ``run_dir`` (:data:`RUN_FILES`; other files stay); the names removed."""
+    removed = []
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def check_new_run(run_dir: Path, overwrite: bool = False) -> None:
+    """A fresh run must not overwrite another, nor append to the logs of one that crashed before its first
+    checkpoint: a folder holding any of :data:`RUN_FILES` needs ``--resume`` (with a checkpoint) or ``--overwrite``."""
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not found:
+        return
+    if overwrite:
+        clear_run(run_dir)
+    elif CHECKPOINT in found:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start it "
+                              f"afresh, or choose another --out")
+    else:
+        raise FileExistsError(f"{run_dir} holds {', '.join(found)} of a run that never wrote a checkpoint; pass "
+                              f"--overwrite to start afresh (it removes them) or choose another --out")
+
+
+def write_evaluation(folder: str | Path, results, **settings) -> Path:
+    """Write an ``hbmeta evaluate`` result to ``folder/evaluation-<settings>.json`` (e.g.
+    ``evaluation-tasks20-steps2-seed12345.json``), with ``settings`` inside: the training run's ``evaluation.json``
+    and evaluations with other settings are never overwritten. Atomic, like every run file."""
+    key = "-".join(f"{name}{value}" for name, value in settings.items() if name != "checkpoint_iteration")
+    payload = {"settings": settings, "results": results}
+    return atomic_write_text(Path(folder) / f"evaluation-{key}.json", json.dumps(payload, indent=2, default=str))
 
 
 def open_run_dir(config: TrainConfig, run_dir: Path, resume: bool, start: int) -> Path:

@@ -67,7 +67,7 @@ def test_omniglot_cli_train_resume_evaluate(tmp_path, capsys):
     learner, config, iteration = load_learner(out, "cpu")
     assert iteration == 4 and config.k_query == 2 and config.ways == 5
     assert main(["evaluate", str(out), "--steps", "1", "--tasks", "10", "--device", "cpu"]) == 0
-    evaluation = json.loads((out / "evaluation.json").read_text())
+    evaluation = json.loads((out / "evaluation-tasks10-steps1-seed12345.json").read_text())["results"]
     assert set(evaluation) == {"0", "1"} and "ece" in evaluation["1"]
     assert "accuracy after  1 steps" in capsys.readouterr().out
     gem = tmp_path / "gem"

@@ -51,7 +51,7 @@ def test_bad_settings_are_one_line_errors_naming_the_setting():
         TrainConfig.from_dict({"experiment": "sinusoid", "inner": {"stepz": 3}})
     with pytest.raises(TypeError, match="TrainConfig.model must be a ModelSettings"):
         TrainConfig(model=SchedulerSettings())
-    with pytest.raises(ValueError, match="meta_batch must be >= 1; got 0"):
+    with pytest.raises(ValueError, match="meta_batch must be an integer >= 1; got 0"):
         TrainConfig(meta_batch=0)
     with pytest.raises(ValueError, match="unknown prior 'cauchy'"):
         TrainConfig(model=ModelSettings(prior="cauchy"))

@@ -95,7 +95,10 @@ def test_cli_trains_and_evaluates_an_rl_run(tmp_path, capsys):
     assert main(["evaluate", out, "--steps", "1", "--tasks", "2"]) == 0
     text = capsys.readouterr().out
     assert "return after 1 steps" in text and "reptile on nav2d" in text
-    assert set(json.loads((tmp_path / "cli" / "evaluation.json").read_text())) == {"0", "1"}
+    assert set(json.loads((tmp_path / "cli" / "evaluation.json").read_text())) == {"0", "1", "2", "3"}  # kept
+    keyed = json.loads((tmp_path / "cli" / "evaluation-tasks2-steps1-seed12345.json").read_text())
+    assert keyed["settings"] == {"tasks": 2, "steps": 1, "seed": 12345, "checkpoint_iteration": 2}
+    assert set(keyed["results"]) == {"0", "1"}
     runs = load_evaluations([out])
     assert returns_table(runs).count("\n") == 2 and "| reptile | 2 |" in returns_table(runs)
     assert plot_returns(runs, tmp_path / "returns.png").stat().st_size > 0

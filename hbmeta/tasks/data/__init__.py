@@ -21,6 +21,8 @@ import os
 import pickle
 import tempfile
 import warnings
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ import torch
 
 __all__ = [
     "OmniglotSplit", "default_cache_dir", "default_data_root", "fingerprint", "load_cached", "load_miniimagenet",
-    "load_omniglot", "load_omniglot_folder", "missing_data_error", "omniglot_classes", "save_cached",
+    "load_omniglot", "load_omniglot_folder", "missing_data_error", "omniglot_classes", "open_npz", "save_cached",
 ]
 
 _FALLBACK_ROOTS = (Path("../shared/data"), Path("/work/shared/data"))
@@ -56,6 +58,42 @@ def missing_data_error(expected: Path, what: str, hint: str = "") -> FileNotFoun
     msg = (f"{what} not found: expected {expected}. Point hbmeta at the data folder with --data-root / the "
            f"HBMETA_DATA environment variable (or the root= argument); the default is {default_data_root()}.")
     return FileNotFoundError(f"{msg} {hint}".strip())
+
+
+class _Archive:
+    """The arrays of an open ``.npz`` whose missing keys are named with the ones the file has."""
+
+    def __init__(self, archive, path: Path):
+        self._archive, self._path = archive, path
+
+    def __getitem__(self, key: str):
+        if key not in self._archive.files:
+            raise ValueError(f"{self._path} has no array {key!r} (it has {', '.join(self._archive.files) or 'none'}): "
+                             f"it is not the file hbmeta expects; download it again")
+        try:
+            return self._archive[key]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{self._path}: array {key!r} cannot be read ({err}); the file is damaged, download it "
+                             f"again") from None
+
+
+@contextmanager
+def open_npz(path: str | Path):
+    """``with open_npz(path) as z: z["images"]``: ``numpy.load`` with one-line errors for a truncated or foreign file
+    (not a zip archive, a damaged member, a missing array) that name the file."""
+    import numpy as np
+
+    path = Path(path)
+    with open(path, "rb") as f:  # our own handle: numpy leaves its file open when the zip directory is unreadable
+        try:
+            archive = np.load(f)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path} is not a readable .npz archive ({err}); the file is truncated or damaged, "
+                             f"download it again") from None
+        if not hasattr(archive, "files"):
+            raise ValueError(f"{path} holds one array, not the .npz archive of named arrays hbmeta expects")
+        with archive:
+            yield _Archive(archive, path)
 
 
 def fingerprint(*parts: Any, files: tuple[Path, ...] = ()) -> str:

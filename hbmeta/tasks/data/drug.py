@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hbmeta.tasks.data import default_data_root, missing_data_error
+from hbmeta.tasks.data import default_data_root, missing_data_error, open_npz
 
 __all__ = ["DRUG_FILE", "FOLDS", "DrugAssays", "load_drug_assays"]
 
@@ -89,7 +89,7 @@ def load_drug_assays(root: str | Path | None = None, part: str = "train", binary
     path = Path(root or default_data_root()) / DRUG_FILE
     if not path.is_file():
         raise missing_data_error(path, "FS-Mol pXC50 tasks (drug activity)")
-    with np.load(path) as data:
+    with open_npz(path) as data:
         fold = data["task_fold"]
         offsets = data["task_offsets"]
         chosen = np.flatnonzero(fold == part)

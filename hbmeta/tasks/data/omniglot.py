@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hbmeta.tasks.data import default_data_root, fingerprint, load_cached, missing_data_error, save_cached
+from hbmeta.tasks.data import default_data_root, fingerprint, load_cached, missing_data_error, open_npz, save_cached
 
 __all__ = ["NUM_CHARACTERS", "NUM_DRAWERS", "OmniglotSplit", "load_omniglot", "load_omniglot_folder",
            "omniglot_classes", "omniglot_dir"]
@@ -101,7 +101,7 @@ def load_omniglot(root: str | Path | None = None, image_size: int = 28,
         return cached["images"], list(cached["names"])
     parts = []
     for f in files[:2]:
-        with np.load(f) as z:
+        with open_npz(f) as z:
             parts.append(_downsample_ink(torch.from_numpy(~z["images"]), image_size))
     images = torch.cat(parts)
     names = _character_names(files[2], images.shape[0])
