@@ -505,10 +505,13 @@ def fit_posterior(
         posterior = guide.posterior(params).detach()
         return posterior.with_latents(latents.posteriors(latent_params)).detach() if latents else posterior
 
+    def snapshot() -> Posterior:  # for the callback: the optimizer updates params in place, a detached view would follow
+        return current().clone()
+
     if guard:
         merit = _task_objective(model, guide, params, x, y, prior)
     if callback is not None:
-        callback(0, current())
+        callback(0, snapshot())
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
         if latents:
@@ -542,7 +545,7 @@ def fit_posterior(
         if guard:
             merit = _safeguard(model, guide, params, before, merit, x, y, prior, config.line_search)
         if callback is not None:
-            callback(step, current())
+            callback(step, snapshot())
     posterior = current()
     variance = posterior.variance
     finite = torch.isfinite(posterior.loc.sum() + variance.sum())  # one reduction: NaN / inf propagate

@@ -195,6 +195,10 @@ class Posterior:
     def detach(self) -> "Posterior":
         return self._map(lambda t: t.detach())
 
+    def clone(self) -> "Posterior":
+        """A detached copy that owns its tensors (a snapshot that later in-place updates of the source leave alone)."""
+        return self._map(lambda t: t.detach().clone())
+
     def to(self, device: torch.device | str) -> "Posterior":
         return self._map(lambda t: t.to(device))
 

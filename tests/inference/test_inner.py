@@ -125,3 +125,21 @@ def test_safeguarded_svi_never_raises_the_deterministic_objective(float64):
                       generator=torch.Generator().manual_seed(0), callback=record)
         rises = (torch.stack(values).diff(dim=0) > 1e-9).any()
         assert bool(rises) != guard
+
+
+def test_callback_posteriors_are_snapshots_not_views_of_the_optimised_parameters():
+    """Each step's posterior handed to the callback keeps that step's values (the optimizer updates the guide's
+    tensors in place; a detached view would follow them to the last step, as the gradient study's once did)."""
+    from hbmeta.models import DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel, MeanFieldGuide, mlp
+    from hbmeta.tasks import SinusoidTasks
+
+    net = mlp(1, (8,), 1)
+    model = HierarchicalModel(net, DiagonalGaussianPrior.from_module(net, 0.1), GaussianLikelihood(0.5))
+    batch = SinusoidTasks().sample(2, torch.Generator().manual_seed(0))
+    seen = {}
+    final = fit_posterior(model, MeanFieldGuide(whiten=False), batch.x_train, batch.y_train,
+                          model.initial_posterior(batch.x_train, batch.y_train),
+                          config=InnerConfig(steps=3, lr=0.01, optimizer="sgd"), generator=torch.Generator().manual_seed(1),
+                          callback=lambda step, post: seen.__setitem__(step, post))
+    assert torch.equal(seen[0].loc, model.prior.loc.detach().expand(2, -1))  # still the start
+    assert not torch.equal(seen[1].loc, seen[3].loc) and torch.equal(seen[3].loc, final.loc)
