@@ -2,8 +2,9 @@ r"""What a meta-learning algorithm is: one small interface and a registry of the
 
 An algorithm is an :class:`Algorithm` - a few descriptive fields (for the registry, the CLI help and the README's
 table) and the methods :class:`hbmeta.inference.learner.MetaLearner` dispatches to. Each built-in one is defined
-beside its meta-gradient (``gem.py``, ``elbo_gradient.py``, ``maml.py``, ``reptile.py``, ``imaml.py``, ``bmaml.py``)
-and registers itself there; adding one - in the package or from a notebook - is one subclass and one call:
+beside its meta-gradient (``gem.py``, ``elbo_gradient.py``, ``maml.py``, ``reptile.py``, ``imaml.py``, ``bmaml.py``,
+``ibaml.py``) and registers itself there; adding one - in the package or from a notebook - is one subclass and one
+call:
 
 .. code-block:: python
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 # The built-in algorithms register themselves on import, in the registry's order (gem-bml, gem-bml+, abml, maml,
-# fomaml, reptile, pretrain, imaml, bmaml; hbmeta.inference.__init__ imports them first, in this order).
+# fomaml, reptile, pretrain, imaml, bmaml, ibaml; hbmeta.inference.__init__ imports them first, in this order).
 from hbmeta.inference.algorithm import ALGORITHMS, Algorithm, PriorDefaults, get_algorithm, register_algorithm
 from hbmeta.inference.autoguide import AUTOGUIDES, AutoGuidePerTask, is_autoguide
 from hbmeta.inference.batch import TaskBatch, check_task_data
@@ -34,6 +34,7 @@ import hbmeta.inference.bmaml  # noqa: F401  (bmaml)
 import hbmeta.inference.elbo_gradient  # noqa: F401  (abml)
 import hbmeta.inference.gem  # noqa: F401  (registers gem-bml, gem-bml+)
 from hbmeta.inference.gem import GEM_PLUS_MODES, LIKELIHOOD_PREFIX, SHARED_PREFIX
+import hbmeta.inference.ibaml  # noqa: F401  (ibaml)
 import hbmeta.inference.imaml  # noqa: F401  (imaml)
 from hbmeta.inference.inner import InnerConfig, make_optimizer
 from hbmeta.inference.metrics import batch_adaptation_metrics, prior_scale_statistics

@@ -56,7 +56,7 @@ BUDGETS: dict[str, dict[str, tuple[int, int]]] = {
             "omniglot-5w5s": (3000, 16)},
     "smoke": {"sinusoid": (3, 4), "sinusoid-challenging": (3, 4), "omniglot-5w1s": (2, 2), "omniglot-5w5s": (2, 2)},
 }
-ALGORITHMS = ("gem-bml+", "gem-bml", "maml", "fomaml", "reptile")
+ALGORITHMS = ("gem-bml+", "gem-bml", "ibaml", "maml", "fomaml", "reptile")
 STEPS = (0, 1, 5, 10)
 #: held-out tasks per benchmark (the same for every run): 100 sinusoids, 600 Omniglot tasks
 TEST_TASKS = {"mse": 100, "accuracy": 600}

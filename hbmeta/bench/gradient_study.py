@@ -50,7 +50,11 @@ from hbmeta.models.priors import DiagonalGaussianPrior
 __all__ = ["GradientStudyConfig", "run_gradient_study", "format_table", "plot_gradient_study", "write_gradient_study"]
 
 DTYPE = torch.float64
-ESTIMATORS = ("GEM", "ELBO")
+ESTIMATORS = ("GEM", "ELBO", "iBaML")
+#: estimators per guide: iBaML's implicit gradient is for the mean-field guide
+GUIDE_ESTIMATORS = {"meanfield": ESTIMATORS, "fullcov": ("GEM", "ELBO")}
+#: query points per run for iBaML's meta-loss (the study's other estimators use the support set alone)
+QUERY_POINTS = 10
 
 
 @dataclass
@@ -141,6 +145,64 @@ def _elbo_estimates(model, guide, x, y, mu, log_sigma, config, noise: Tensor, ge
     return out
 
 
+def _query_set(config: GradientStudyConfig, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x_query [R, Q, d], y_query [R, Q, 1])`` of every run: new inputs from their own stream, the targets from the
+    run's ``theta*`` (the same draws as :func:`_problems`, whose numbers stay unchanged)."""
+    g = torch.Generator().manual_seed(config.seed)
+    r, n, d = x.shape
+    torch.randn(r, n, d, generator=g, dtype=DTYPE)  # the support inputs, to reach the same theta*
+    theta = torch.randn(r, d, 1, generator=g, dtype=DTYPE)
+    q = torch.Generator().manual_seed(config.seed + 7)
+    xq = torch.randn(r, QUERY_POINTS, d, generator=q, dtype=DTYPE)
+    return xq, xq @ theta + config.noise_scale * torch.randn(r, QUERY_POINTS, 1, generator=q, dtype=DTYPE)
+
+
+def _query_nll_at_mean(m: Tensor, x: Tensor, y: Tensor, noise_scale: float) -> Tensor:
+    """``-log N(y; x m, s^2)`` summed over each run's points ``[R]``: iBaML's meta-loss at the posterior mean."""
+    residual = y[..., 0] - torch.einsum("rnd,rd->rn", x, m)
+    return 0.5 * (residual / noise_scale).pow(2).sum(-1)
+
+
+def _exact_ibaml_gradients(x, y, xq, yq, mu, log_sigma, noise_scale: float) -> Tensor:
+    """The exact gradient of iBaML's meta-loss ``[R, 2d]``: the query NLL at the mean-field optimum's mean
+    ``m* = Lambda^-1 (X^T y / s^2 + mu / sigma^2)`` (the posterior mean, exact for this model), by autograd."""
+    mu, log_sigma = mu.clone().requires_grad_(), log_sigma.clone().requires_grad_()
+    inv_var = torch.exp(-2 * log_sigma)
+    precision = x.transpose(-1, -2) @ x / noise_scale**2 + torch.diag_embed(inv_var)
+    rhs = (x.transpose(-1, -2) @ y)[..., 0] / noise_scale**2 + mu * inv_var
+    m = torch.linalg.solve(precision, rhs.unsqueeze(-1))[..., 0]
+    return torch.cat(torch.autograd.grad(_query_nll_at_mean(m, xq, yq, noise_scale).sum(), [mu, log_sigma]), -1)
+
+
+def _ibaml_estimates(model, guide, x, y, xq, yq, mu, log_sigma, config, noise: Tensor) -> dict[int, Tensor]:
+    """iBaML after each ``K``: the implicit gradient (:func:`hbmeta.inference.ibaml.vi_implicit_gradient`, its default
+    expectation at the mean, an exact CG solve) at the SAME inner SGD trajectory's ``lambda_K`` as GEM's."""
+    from hbmeta.inference.ibaml import vi_implicit_gradient
+    from hbmeta.inference.inner import diagonal_kl
+
+    snapshots: dict[int, Posterior] = {}
+    keep = set(config.iterations)
+    inner = InnerConfig(steps=max(keep), lr=config.lr, optimizer="sgd", num_samples=config.num_samples,
+                        estimator="reparam")
+    fit_posterior(model, guide, x, y, Posterior(mu, log_sigma.exp()), prior=dist.Normal(mu, log_sigma.exp()).to_event(1),
+                  config=inner, noise=lambda step, shape: noise[step - 1],
+                  callback=lambda step, post: snapshots.__setitem__(step, post) if step in keep else None)
+    hyper_mu, hyper_ls = mu.clone().requires_grad_(), log_sigma.clone().requires_grad_()
+    s = config.noise_scale
+
+    def objective(lam: Tensor) -> Tensor:
+        m, rho = lam.chunk(2, -1)
+        return (diagonal_kl(m, rho, hyper_mu, hyper_ls.exp()) + _query_nll_at_mean(m, x, y, s)).sum()
+
+    out = {}
+    for k, post in snapshots.items():
+        grads, _ = vi_implicit_gradient(objective, lambda lam: _query_nll_at_mean(lam.chunk(2, -1)[0], xq, yq, s).sum(),
+                                        torch.cat([post.loc, post.scale.log()], -1), [hyper_mu, hyper_ls],
+                                        cg_steps=4 * mu.shape[-1])
+        out[k] = torch.cat(grads, -1)
+    return out
+
+
 def _summary(errors: Tensor) -> dict[str, float]:
     q = torch.quantile(errors, torch.tensor([0.1, 0.5, 0.9], dtype=DTYPE))
     return {"mean": errors.mean().item(), "std": errors.std().item() if errors.numel() > 1 else 0.0,
@@ -169,6 +231,8 @@ def _run(config: GradientStudyConfig) -> dict:
     if config.lr * lam_max >= 2:
         raise ValueError(f"lr={config.lr} makes the unrolled SGD unstable: lr * lambda_max = {config.lr * lam_max:.2f} >= 2")
     exact = _exact_gradients(x, y, mu, log_sigma, config.noise_scale)
+    xq, yq = _query_set(config, x)
+    exact_ibaml = _exact_ibaml_gradients(x, y, xq, yq, mu, log_sigma, config.noise_scale)
     model = HierarchicalModel(nn.Sequential(linear_network(config.num_features)),
                               DiagonalGaussianPrior(torch.zeros(config.num_features, dtype=DTYPE)),
                               GaussianLikelihood(config.noise_scale))
@@ -180,9 +244,12 @@ def _run(config: GradientStudyConfig) -> dict:
         noise = torch.randn(max(config.iterations), config.num_samples, *mu.shape, generator=gen, dtype=DTYPE)
         estimates = {"GEM": _gem_estimates(model, guide, x, y, mu, log_sigma, config, noise),
                      "ELBO": _elbo_estimates(model, guide, x, y, mu, log_sigma, config, noise, gen)}
+        if "iBaML" in GUIDE_ESTIMATORS[name]:
+            estimates["iBaML"] = _ibaml_estimates(model, guide, x, y, xq, yq, mu, log_sigma, config, noise)
         errors[name] = {}
-        for est in ESTIMATORS:
-            errors[name][est] = {k: _rel_error(estimates[est][k], exact) for k in config.iterations}
+        for est in GUIDE_ESTIMATORS[name]:
+            target = exact_ibaml if est == "iBaML" else exact
+            errors[name][est] = {k: _rel_error(estimates[est][k], target) for k in config.iterations}
             rows += [{"guide": name, "estimator": est, "K": k, **_summary(e)} for k, e in errors[name][est].items()]
             errors[name][est] = {k: e.tolist() for k, e in errors[name][est].items()}
     return {"config": asdict(config), "rows": rows, "errors": errors, "seconds": time.perf_counter() - start}
@@ -190,7 +257,7 @@ def _run(config: GradientStudyConfig) -> dict:
 
 def format_table(result: dict) -> str:
     """Markdown table: one row per ``K``, one column per guide x estimator, ``mean ± std (median)``."""
-    cols = [(g, e) for g in result["config"]["guides"] for e in ESTIMATORS]
+    cols = [(g, e) for g in result["config"]["guides"] for e in GUIDE_ESTIMATORS[g]]
     lines = ["| K | " + " | ".join(f"{g} {e}" for g, e in cols) + " |", "|---:|" + "---:|" * len(cols)]
     cell = {(r["guide"], r["estimator"], r["K"]): r for r in result["rows"]}
     for k in result["config"]["iterations"]:
@@ -199,7 +266,9 @@ def format_table(result: dict) -> str:
     c = result["config"]
     lines.append(f"\nRelative error ||g_hat - g|| / ||g|| of the (mu, log sigma) meta-gradient, mean ± std (median) "
                  f"over {c['repeats']} runs; d={c['num_features']}, N={c['num_points']}, s={c['noise_scale']}; inner SGD "
-                 f"lr={c['lr']}, {c['num_samples']} samples/step, same trajectory for both estimators.")
+                 f"lr={c['lr']}, {c['num_samples']} samples/step, the same trajectory for every estimator. GEM and ELBO "
+                 f"estimate the gradient of log p(D; Theta); iBaML the gradient of its own meta-loss, the NLL of "
+                 f"{QUERY_POINTS} query points at the posterior mean.")
     return "\n".join(lines)
 
 
@@ -212,11 +281,11 @@ def plot_gradient_study(result: dict, path: str | Path) -> Path:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for i, g in enumerate(result["config"]["guides"]):
-        for e in ESTIMATORS:
+        for e in GUIDE_ESTIMATORS[g]:
             rows = [r for r in result["rows"] if r["guide"] == g and r["estimator"] == e]
             ks, color = [r["K"] for r in rows], ("C0", "C3", "C2", "C1")[i % 4]
-            ax.plot(ks, [r["median"] for r in rows], color=color, marker="o" if e == "GEM" else "s",
-                    ls="-" if e == "GEM" else "--", label=f"{g} {e} (median)")
+            style = {"GEM": ("o", "-"), "ELBO": ("s", "--"), "iBaML": ("^", ":")}[e]
+            ax.plot(ks, [r["median"] for r in rows], color=color, marker=style[0], ls=style[1], label=f"{g} {e} (median)")
             ax.fill_between(ks, [r["q10"] for r in rows], [r["q90"] for r in rows], color=color, alpha=0.12)
     ax.set(xscale="log", yscale="log", xlabel="inner iterations K", ylabel="relative error of meta-gradient",
            title="Meta-gradient error, Bayesian linear regression (GEM-BML C.1)")

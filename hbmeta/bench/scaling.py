@@ -35,7 +35,7 @@ class ScalingBenchConfig:
     the CPU default is smaller so that the whole run takes minutes)."""
 
     steps: tuple[int, ...] = (1, 2, 5, 10, 20)
-    algorithms: tuple[str, ...] = ("maml", "fomaml", "reptile", "imaml", "abml", "bmaml", "gem-bml+")
+    algorithms: tuple[str, ...] = ("maml", "fomaml", "reptile", "imaml", "abml", "bmaml", "gem-bml+", "ibaml")
     ways: int = 5
     shots: int = 1
     queries: int = 5

@@ -65,7 +65,7 @@ class StepBenchConfig:
     warmup: int = 1
     device: str = "cpu"
     seed: int = 0
-    algorithms: tuple[str, ...] = ("gem-bml+", SVI, PYRO_TRACED, "maml", "fomaml", "reptile", "abml")
+    algorithms: tuple[str, ...] = ("gem-bml+", SVI, PYRO_TRACED, "maml", "fomaml", "reptile", "abml", "ibaml")
     noise_scale: float = 0.5
     lower_bound: bool = True
     #: also time every algorithm at its own default number of inner steps (Gauss-Newton GEM-BML+: 2, MAML: 5)

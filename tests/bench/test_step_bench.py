@@ -11,7 +11,7 @@ import torch
 from hbmeta.bench.step import (LOWER_BOUND, PYRO_TRACED, SVI, StepBenchConfig, format_step_table, peak_saved_bytes,
                           run_step_benchmark, write_step_benchmark)
 
-ALGORITHMS = ("gem-bml+", SVI, PYRO_TRACED, "maml", "fomaml", "reptile", "abml")
+ALGORITHMS = ("gem-bml+", SVI, PYRO_TRACED, "maml", "fomaml", "reptile", "abml", "ibaml")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,7 @@ def test_maml_saved_memory_grows_with_inner_steps_gem_plus_does_not(result):
     assert saved(result, "gem-bml+", 3) == saved(result, "gem-bml+", 1)
     assert saved(result, SVI, 3) == saved(result, SVI, 1) > 0
     assert saved(result, LOWER_BOUND, 3) == saved(result, LOWER_BOUND, 1)
+    assert saved(result, "ibaml", 3) == saved(result, "ibaml", 1)  # the implicit gradient: flat as GEM's
     assert result["targets"]["gem_memory_flat"]["met"] is True
 
 
@@ -78,7 +79,7 @@ def test_scaling_benchmark_conv4_memory_flat_for_gem_growing_for_unrolled(tmp_pa
     config = ScalingBenchConfig(steps=(1, 3), image_size=16, queries=2, meta_batch=2, repeats=1, warmup=0)
     result = run_scaling_benchmark(config)
     assert {(r["algorithm"], r["steps"]) for r in result["rows"]} == {(a, k) for a in config.algorithms for k in (1, 3)}
-    for flat in ("gem-bml+", "fomaml", "reptile", "imaml"):
+    for flat in ("gem-bml+", "fomaml", "reptile", "imaml", "ibaml"):
         assert saved(result, flat, 3) == saved(result, flat, 1), flat
     for unrolled in ("maml", "abml", "bmaml"):
         assert saved(result, unrolled, 3) > 1.5 * saved(result, unrolled, 1), unrolled

@@ -16,7 +16,7 @@ from hbmeta.models import GaussianLikelihood, mlp
 from hbmeta.tasks.sinusoid import SinusoidTasks
 
 CONCEPTS = Path(__file__).resolve().parents[2] / "docs" / "concepts.md"
-BUILTINS = ("gem-bml", "gem-bml+", "abml", "maml", "fomaml", "reptile", "pretrain", "imaml", "bmaml")
+BUILTINS = ("gem-bml", "gem-bml+", "abml", "maml", "fomaml", "reptile", "pretrain", "imaml", "bmaml", "ibaml")
 
 
 @pytest.fixture
@@ -128,6 +128,8 @@ SPECS = {
     "imaml": ("L[2]", "implicit gradient (CG on the regularised inner problem)", False, False,
               "Rajeswaran et al. 2019"),
     "bmaml": ("L[2]", "SVGD particles + chaser loss (unrolled)", True, True, "Yoon et al. 2018"),
+    "ibaml": ("query NLL", "implicit gradient (CG through the VI optimality condition)", False, True,
+              "Zhang et al. 2023"),
 }
 
 GAUSS_NEWTON = InnerConfig(method="gauss-newton", steps=2)
@@ -139,6 +141,7 @@ INNER = {
     "maml": (POINT, POINT), "fomaml": (POINT, POINT), "reptile": (POINT, POINT), "pretrain": (POINT, POINT),
     "imaml": (InnerConfig(steps=20, lr=0.005, optimizer="sgd", clip_norm=50.0, imaml_lambda=10.0, cg_steps=5),) * 2,
     "bmaml": (InnerConfig(steps=5, lr=1e-3, optimizer="sgd", num_samples=5),) * 2,
+    "ibaml": (InnerConfig(method="gauss-newton", steps=2, cg_steps=5), SVI),
 }
 
 
