@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "accuracy: every algorithm on the same tasks, seeds and budget (sinusoid, Omniglot)")
     p.add_argument("--budget", default="small", help="accuracy: small (a 2-core CPU), paper (a GPU) or smoke")
     p.add_argument("--algos", default=None, help="accuracy: comma-separated algorithms (default gem-bml+,gem-bml,"
-                                                  "maml,fomaml,reptile)")
+                                                  "ibaml,maml,fomaml,reptile)")
     p.add_argument("--seeds", default="0,1,2", help="accuracy: comma-separated seeds")
     p.add_argument("--table-only", action="store_true", help="accuracy: only assemble the table from finished runs")
     p.add_argument("--data-root", default=None, help="accuracy: folder with omniglot/ (default $HBMETA_DATA or ../shared/data)")
