@@ -529,8 +529,7 @@ def fit_posterior(
         if not torch.isfinite(loss):
             raise InnerLoopDivergedError(
                 f"inner loop diverged at step {step} of {steps}: the ELBO is {loss.item()} for task(s) "
-                f"{_diverged_tasks(model, guide, params, x, y) or 'unknown'}; "
-                f"lower the inner learning rate (now {config.lr})")
+                f"{_diverged_tasks(model, guide, params, x, y) or 'unknown'}; {_divergence_advice(config)}")
         if config.clip_norm is not None:  # location and scale separately
             for group in (location, others):
                 if group:
@@ -553,8 +552,17 @@ def fit_posterior(
         raise InnerLoopDivergedError(
             f"inner loop diverged by step {steps}: the posterior of task(s) "
             f"{_diverged_tasks(model, guide, params, x, y)} has NaN/inf/zero-scale parameters; "
-            f"lower the inner learning rate (now {config.lr})")
+            f"{_divergence_advice(config)}")
     return posterior
+
+
+def _divergence_advice(config: InnerConfig) -> str:
+    """What to change when SVI diverges: the step size, and unclipped gradients (one huge step of the log scale
+    sends a weight's posterior sd to zero; ``clip_norm`` bounds every step)."""
+    advice = f"lower the inner learning rate (now {config.lr})"
+    if config.scale_lr is not None and config.scale_lr != config.lr:
+        advice += f" or scale_lr (now {config.scale_lr})"
+    return advice + (", or set clip_norm (e.g. 5.0) to bound each step" if config.clip_norm is None else "")
 
 
 # ------------------------------------------------------------------------- point-estimate inner loops
