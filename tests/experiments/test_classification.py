@@ -123,3 +123,23 @@ def test_gauss_newton_adaptation_does_not_collapse_with_more_steps_than_trained(
     assert accuracy[1] > accuracy[0] + 0.1  # adaptation helps
     for k in range(1, 10):
         assert accuracy[k + 1] >= accuracy[k] - 0.05, accuracy
+
+
+@needs_omniglot
+def test_trace_adaptation_script_prints_one_row_per_step(tmp_path):
+    """``scripts/trace_adaptation.py`` (the README's step-by-step trace): one table row per step 0..STEPS, support
+    NLL finite and positive, accuracies in [0, 1], and the mean's move reported from step 1 on."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    train(_tiny("gem-bml+", iterations=2, meta_batch=2, checkpoint_every=2), tmp_path, progress=False)
+    script = Path(__file__).resolve().parents[2] / "scripts" / "trace_adaptation.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), "--steps", "2", "--tasks", "4"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    rows = [line.strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("| ") and "step" not in line]
+    assert [int(r[0]) for r in rows] == [0, 1, 2], done.stdout
+    for row in rows:
+        nll, support, query = (float(v) for v in row[1:4])
+        assert 0 < nll < 50 and 0 <= support <= 1 and 0 <= query <= 1
+    assert rows[0][4].strip() == "" and float(rows[1][4]) > 0
