@@ -10,7 +10,7 @@ from hbmeta.inference.reptile import pretrain_gradient, reptile_gradient
 from hbmeta.inference.imaml import imaml_gradient
 from hbmeta.inference.bmaml import bmaml_gradient, svgd
 from hbmeta.inference.ibaml import ibaml_gradient
-from hbmeta.inference.algorithm import ALGORITHMS, Algorithm, get_algorithm, register_algorithm
+from hbmeta.inference.algorithm import ALGORITHMS, Algorithm, PosteriorAlgorithm, get_algorithm, register_algorithm
 from hbmeta.inference.autoguide import AUTOGUIDES, fit_autoguide
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.inner import InnerConfig, InnerLoopDivergedError, fit_posterior, negative_elbo
@@ -22,6 +22,6 @@ __all__ = [
     "TaskBatch", "InnerConfig", "InnerLoopDivergedError", "fit_posterior", "negative_elbo", "gem_gradient",
     "mc_gem_gradient", "gem_bml_gradient", "gem_plus_gradient", "gem_plus_posteriors", "elbo_gradient",
     "abml_gradient", "maml_gradient", "fomaml_gradient", "reptile_gradient", "pretrain_gradient", "MetaLearner",
-    "PosteriorPredictive", "Algorithm", "ALGORITHMS", "get_algorithm", "register_algorithm", "imaml_gradient",
-    "bmaml_gradient", "ibaml_gradient", "svgd", "fit_autoguide", "AUTOGUIDES", "PolicyMetaLearner", "RL_ALGORITHMS",
+    "PosteriorPredictive", "Algorithm", "PosteriorAlgorithm", "ALGORITHMS", "get_algorithm", "register_algorithm",
+    "imaml_gradient", "bmaml_gradient", "ibaml_gradient", "svgd", "fit_autoguide", "AUTOGUIDES", "PolicyMetaLearner", "RL_ALGORITHMS",
 ]

@@ -41,7 +41,7 @@ from hbmeta.models.likelihoods import Likelihood
 from hbmeta.models.posterior import Posterior
 from hbmeta.models.priors import DiagonalGaussianPrior, ParticlePrior, Prior
 
-__all__ = ["Algorithm", "ALGORITHMS", "PriorDefaults", "LearnerState", "register_algorithm", "get_algorithm",
+__all__ = ["Algorithm", "PosteriorAlgorithm", "ALGORITHMS", "PriorDefaults", "LearnerState", "register_algorithm", "get_algorithm",
            "DESCRIPTIVE_FIELDS"]
 
 #: the descriptive fields of an :class:`Algorithm` (class attributes; keyword arguments of its constructor)
@@ -138,7 +138,7 @@ class Algorithm:
                                     ) -> tuple[dict[str, Tensor], Posterior | None]:
         """:meth:`meta_gradient` and the support-set posteriors it fitted on the way (``None`` where it fits none),
         from which ``MetaLearner.meta_step`` reports the meta-batch's adaptation (:mod:`hbmeta.inference.metrics`).
-        The default fits none; the GEM algorithms return their posteriors."""
+        The default fits none; subclasses of :class:`PosteriorAlgorithm` (GEM, iBaML) return theirs."""
         return self.meta_gradient(learner, batch, generator), None
 
     # ---------------------------------------------------------------------------------------- meta-test
@@ -190,6 +190,20 @@ class Algorithm:
             raise ValueError(f"algorithm {self.name!r} cannot use a {type(learner.prior).__name__}: BMAML needs a "
                              f"ParticlePrior and a ParticlePrior is only for BMAML")
 
+
+
+class PosteriorAlgorithm(Algorithm):
+    """An algorithm whose meta-gradient is read off the support posteriors it fits (GEM-BML, GEM-BML+, iBaML): it
+    defines :meth:`meta_gradient_and_posterior` only, and :meth:`meta_gradient` drops the posteriors."""
+
+    def meta_gradient(self, learner: LearnerState, batch: TaskBatch,
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return self.meta_gradient_and_posterior(learner, batch, generator)[0]
+
+    def meta_gradient_and_posterior(self, learner: LearnerState, batch: TaskBatch,
+                                    generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Posterior]:
+        raise NotImplementedError(f"{type(self).__name__} (algorithm {self.name!r}) must define "
+                                  f"meta_gradient_and_posterior")
 
 #: every registered algorithm by name, in registration order (the built-ins first, as the CLI help lists them)
 ALGORITHMS: dict[str, Algorithm] = {}

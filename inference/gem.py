@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hbmeta.inference.algorithm import Algorithm, LearnerState, register_algorithm
+from hbmeta.inference.algorithm import LearnerState, PosteriorAlgorithm, register_algorithm
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.inner import CommonNoise, InnerConfig, NoiseFn, fit_posterior, standard_normal
 from hbmeta.models.guides import Guide
@@ -203,7 +203,7 @@ def gem_plus_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, 
     return {n: g2[n] - g1[n] for n in g2}, q1
 
 
-class GEMAlgorithm(Algorithm):
+class GEMAlgorithm(PosteriorAlgorithm):
     """The GEM family: Bayesian, meta-learns the likelihood's learned scale, Gauss-Newton VI by default."""
 
     backprop_through_inner = False
@@ -225,10 +225,6 @@ class GEMBML(GEMAlgorithm):
     reference = "Zou & Lu 2020, sec. 3.2"
     description = "Gradient-EM on the posterior of each task's joint data"
 
-    def meta_gradient(self, learner: LearnerState, batch: TaskBatch,
-                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        return self.meta_gradient_and_posterior(learner, batch, generator)[0]
-
     def meta_gradient_and_posterior(self, learner: LearnerState, batch: TaskBatch,
                                     generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Posterior]:
         per_task, posterior = gem_bml_gradient(learner.model, learner.guide, batch, learner.inner, generator,
@@ -242,10 +238,6 @@ class GEMBMLPlus(GEMAlgorithm):
     estimator = "GEM, difference of two L[1] terms"
     reference = "Zou & Lu 2020, sec. 3.2, A.4"
     description = "Gradient-EM, GEM(q2) - GEM(q1) of the joint and the support posteriors"
-
-    def meta_gradient(self, learner: LearnerState, batch: TaskBatch,
-                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        return self.meta_gradient_and_posterior(learner, batch, generator)[0]
 
     def meta_gradient_and_posterior(self, learner: LearnerState, batch: TaskBatch,
                                     generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Posterior]:

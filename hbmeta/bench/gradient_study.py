@@ -82,8 +82,10 @@ class GradientStudyConfig:
         return cls(**{"iterations": (1, 10, 100), "repeats": 4, **overrides})
 
 
-def _problems(config: GradientStudyConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``x [R, N, d]``, ``y [R, N, 1]``, prior ``mu [R, d]`` and ``log_sigma [R, d]`` of the ``R`` runs."""
+def _problems(config: GradientStudyConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``x [R, N, d]``, ``y [R, N, 1]``, prior ``mu [R, d]`` and ``log_sigma [R, d]`` of the ``R`` runs, and each
+    run's query set ``x_query [R, Q, d]``, ``y_query [R, Q, 1]`` for iBaML's meta-loss (the same ``theta*``, inputs and
+    noise from a stream of their own, so the support problems are those of the study without iBaML)."""
     g = torch.Generator().manual_seed(config.seed)
     r, n, d = config.repeats, config.num_points, config.num_features
     x = torch.randn(r, n, d, generator=g, dtype=DTYPE)
@@ -91,7 +93,10 @@ def _problems(config: GradientStudyConfig) -> tuple[Tensor, Tensor, Tensor, Tens
     y = x @ theta + config.noise_scale * torch.randn(r, n, 1, generator=g, dtype=DTYPE)
     mu = torch.randn(r, d, generator=g, dtype=DTYPE)
     log_sigma = torch.rand(r, d, generator=g, dtype=DTYPE) - 0.5
-    return x, y, mu, log_sigma
+    q = torch.Generator().manual_seed(config.seed + 7)
+    xq = torch.randn(r, QUERY_POINTS, d, generator=q, dtype=DTYPE)
+    yq = xq @ theta + config.noise_scale * torch.randn(r, QUERY_POINTS, 1, generator=q, dtype=DTYPE)
+    return x, y, mu, log_sigma, xq, yq
 
 
 def _exact_gradients(x: Tensor, y: Tensor, mu: Tensor, log_sigma: Tensor, noise_scale: float) -> Tensor:
@@ -143,18 +148,6 @@ def _elbo_estimates(model, guide, x, y, mu, log_sigma, config, noise: Tensor, ge
             elbo = -negative_elbo(model, guide, params, x, y, prior, eps)
             out[k] = torch.cat(torch.autograd.grad(elbo, [mu, log_sigma], retain_graph=True), -1).detach()
     return out
-
-
-def _query_set(config: GradientStudyConfig, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(x_query [R, Q, d], y_query [R, Q, 1])`` of every run: new inputs from their own stream, the targets from the
-    run's ``theta*`` (the same draws as :func:`_problems`, whose numbers stay unchanged)."""
-    g = torch.Generator().manual_seed(config.seed)
-    r, n, d = x.shape
-    torch.randn(r, n, d, generator=g, dtype=DTYPE)  # the support inputs, to reach the same theta*
-    theta = torch.randn(r, d, 1, generator=g, dtype=DTYPE)
-    q = torch.Generator().manual_seed(config.seed + 7)
-    xq = torch.randn(r, QUERY_POINTS, d, generator=q, dtype=DTYPE)
-    return xq, xq @ theta + config.noise_scale * torch.randn(r, QUERY_POINTS, 1, generator=q, dtype=DTYPE)
 
 
 def _query_nll_at_mean(m: Tensor, x: Tensor, y: Tensor, noise_scale: float) -> Tensor:
@@ -225,13 +218,12 @@ def _run(config: GradientStudyConfig) -> dict:
     start = time.perf_counter()
     if not set(config.guides) <= {"meanfield", "fullcov"}:
         raise ValueError(f"the study supports the 'meanfield' and 'fullcov' guides; got {config.guides}")
-    x, y, mu, log_sigma = _problems(config)
+    x, y, mu, log_sigma, xq, yq = _problems(config)
     precision = torch.diag_embed(torch.exp(-2 * log_sigma)) + x.transpose(-1, -2) @ x / config.noise_scale**2
     lam_max = torch.linalg.eigvalsh(precision).max().item()
     if config.lr * lam_max >= 2:
         raise ValueError(f"lr={config.lr} makes the unrolled SGD unstable: lr * lambda_max = {config.lr * lam_max:.2f} >= 2")
     exact = _exact_gradients(x, y, mu, log_sigma, config.noise_scale)
-    xq, yq = _query_set(config, x)
     exact_ibaml = _exact_ibaml_gradients(x, y, xq, yq, mu, log_sigma, config.noise_scale)
     model = HierarchicalModel(nn.Sequential(linear_network(config.num_features)),
                               DiagonalGaussianPrior(torch.zeros(config.num_features, dtype=DTYPE)),

@@ -115,6 +115,32 @@ def test_base_algorithm_without_meta_gradient_says_so(registry):
         learner.meta_step(SinusoidTasks().sample(2, torch.Generator().manual_seed(0)))
 
 
+
+def test_posterior_algorithm_defines_one_method_and_meta_gradient_follows(registry):
+    """A :class:`PosteriorAlgorithm` defines only ``meta_gradient_and_posterior``: ``meta_gradient`` is its first
+    part, ``meta_step`` reports the posterior's adaptation numbers; without it the error names the method."""
+    from hbmeta.inference.algorithm import PosteriorAlgorithm
+    from hbmeta.inference.gem import gem_bml_gradient
+
+    class OwnGEM(PosteriorAlgorithm):
+        bayesian = True
+
+        def meta_gradient_and_posterior(self, learner, batch, generator=None):
+            per_task, q = gem_bml_gradient(learner.model, learner.guide, batch, learner.inner, generator)
+            return {n: -g.mean(0) for n, g in per_task.items()}, q
+
+    register_algorithm(OwnGEM(name="own-gem"))
+    register_algorithm(PosteriorAlgorithm(name="no-posterior"))
+    batch = SinusoidTasks().sample(2, torch.Generator().manual_seed(0))
+    learner = MetaLearner(mlp(1, (8,), 1), GaussianLikelihood(0.5), algorithm="own-gem")
+    grads = learner.spec.meta_gradient(learner, batch, torch.Generator().manual_seed(1))
+    expected = get_algorithm("gem-bml").meta_gradient(learner, batch, torch.Generator().manual_seed(1))  # same state
+    assert set(grads) == set(expected) and all(torch.allclose(grads[n], expected[n]) for n in grads)
+    assert "batch_support_nll" in learner.meta_step(batch)
+    empty = MetaLearner(mlp(1, (8,), 1), GaussianLikelihood(0.5), algorithm="no-posterior")
+    with pytest.raises(NotImplementedError, match="must define meta_gradient_and_posterior"):
+        empty.meta_step(batch)
+
 # ---------------------------------------------------------------------- the built-ins, as before the registry
 #: (meta_loss, estimator, backprop_through_inner, bayesian, reference), written down from the old table
 SPECS = {
