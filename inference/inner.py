@@ -24,6 +24,8 @@ reparameterised draw - i.e. exactly ``Trace_ELBO`` for that site (``tests/test_p
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -417,7 +419,7 @@ def _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, lap
                             config.probes, generator, config.variance, config.tolerance)
 
 
-def fit_posterior(
+def _fit_posterior(
     model: HierarchicalModel,
     guide: Guide,
     x: Tensor,
@@ -555,6 +557,14 @@ def fit_posterior(
             f"{_divergence_advice(config)}")
     return posterior
 
+
+
+@functools.wraps(_fit_posterior)
+def fit_posterior(model: HierarchicalModel, *args, **kwargs) -> Posterior:
+    # the network's hidden parameters are constants of the inner update: a shared body's features are computed
+    # once per input for all its steps (BatchedNet.shared_constant)
+    with model.net.shared_constant():
+        return _fit_posterior(model, *args, **kwargs)
 
 def _divergence_advice(config: InnerConfig) -> str:
     """What to change when SVI diverges: the step size, and unclipped gradients (one huge step of the log scale

@@ -27,6 +27,8 @@ channel dimension, so each layer is one grouped convolution (``groups = B * T``)
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -114,7 +116,8 @@ class Conv4(nn.Module):
         self._check_images(x, ("N",))
         return self.head(self._pool(self.features(x)))
 
-    def forward_batched(self, theta: Tensor, x: Tensor) -> Tensor:
+    def forward_batched(self, theta: Tensor, x: Tensor, shared: dict[str, Tensor] | None = None,
+                        cache: dict | None = None) -> Tensor:
         """Evaluate the net for many flat weight vectors at once.
 
         ``theta`` is laid out as ``torch.cat([p.reshape(-1) for p in self.parameters()])`` (the layout of
@@ -127,25 +130,52 @@ class Conv4(nn.Module):
         ``theta``; nothing is copied per sample but the weights (``theta`` once, task-major).
 
         Args:
-            theta: ``[B, T, P]`` or ``[T, P]`` weights.
+            theta: ``[B, T, P]`` or ``[T, P]`` weights: every parameter not in ``shared``, in
+                ``named_parameters`` order.
             x: ``[T, N, C, H, W]`` images of each task.
+            shared: parameters common to every weight set (``BatchedNet(net, hide=...)``), by name, with the
+                module's shapes. When the whole body (``features``) is shared, the conv blocks run once per task,
+                not once per weight set: only the head sees ``B``.
+            cache: with a shared body whose tensors are constants (``BatchedNet.shared_constant``), a dict that keeps
+                each input's features (keyed by the tensor, which it holds so that the key stays unique) across
+                calls, computed without a graph.
 
         Returns:
             ``[B, T, N, num_classes]`` (or ``[T, N, num_classes]``) logits.
         """
         self._check_images(x, ("T", "N"))
-        if theta.dim() not in (2, 3) or theta.shape[-2:] != (x.shape[0], self.num_params):
-            raise ValueError(f"Conv4.forward_batched expects theta [B, T={x.shape[0]}, P={self.num_params}] or "
+        shared = shared or {}
+        layout = [(n, p.numel()) for n, p in self.named_parameters()]
+        unknown = set(shared) - {n for n, _ in layout}
+        if unknown:
+            raise ValueError(f"Conv4.forward_batched: shared names no parameter of Conv4: {sorted(unknown)}")
+        free = sum(size for n, size in layout if n not in shared)
+        if theta.dim() not in (2, 3) or theta.shape[-2:] != (x.shape[0], free):
+            raise ValueError(f"Conv4.forward_batched expects theta [B, T={x.shape[0]}, P={free}] or "
                              f"[T, P] for x {tuple(x.shape)}; got {tuple(theta.shape)}")
         squeeze = theta.dim() == 2
         if squeeze:
             theta = theta.unsqueeze(0)
         num_samples, num_tasks = theta.shape[0], theta.shape[1]
         groups = num_tasks * num_samples
-        params = iter(torch.split(theta.transpose(0, 1), self._sizes, dim=-1))  # each [T, B, size], task-major
-        h = self._body(params, x, num_samples)                                    # [G, N, hidden]
-        weight = next(params).reshape(groups, self.num_classes, self.hidden)
-        bias = next(params).reshape(groups, 1, self.num_classes)
+        chunks = iter(torch.split(theta.transpose(0, 1), [size for n, size in layout if n not in shared], dim=-1))
+        per_set = [shared[n].reshape(1, 1, -1) if n in shared else next(chunks) for n, _ in layout]  # [T|1, B|1, size]
+        body = len(per_set) - 2
+        if all(n in shared for n, _ in layout[:body]):  # a shared body: its features once per task
+            key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version, x.dtype, x.device)
+            if cache is not None and key in cache:
+                h = cache[key][1]
+            else:
+                with torch.no_grad() if cache is not None else contextlib.nullcontext():
+                    h = self._body(iter([p.expand(num_tasks, 1, -1) for p in per_set[:body]]), x, 1)  # [T, N, hidden]
+                if cache is not None:
+                    cache[key] = (x, h)
+            h = h.unsqueeze(1).expand(-1, num_samples, -1, -1).reshape(groups, *h.shape[1:])
+        else:
+            h = self._body(iter([p.expand(num_tasks, num_samples, -1) for p in per_set[:body]]), x, num_samples)
+        weight, bias = (p.expand(num_tasks, num_samples, -1) for p in per_set[body:])
+        weight = weight.reshape(groups, self.num_classes, self.hidden)
+        bias = bias.reshape(groups, 1, self.num_classes)
         logits = torch.baddbmm(bias, h, weight.transpose(-1, -2))  # [G, N, K]
         logits = logits.unflatten(0, (num_tasks, num_samples)).transpose(0, 1)  # [B, T, N, K]
         return logits.squeeze(0) if squeeze else logits

@@ -11,7 +11,10 @@ convolutions are much faster than conv2d under vmap).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +79,8 @@ class BatchedNet:
         module: any ``nn.Module`` with parameters and no state that changes in ``forward`` (buffers are
             read as they are). If it has a method ``forward_batched(theta [B, T, P], x [T, N, ...])``
             returning ``[B, T, N, ...]`` (``theta`` in ``named_parameters`` order, as :meth:`unflatten`
-            splits it), that method is used instead of vmap.
+            splits it), that method is used instead of vmap; with hidden parameters only if it takes them as
+            ``forward_batched(theta, x, shared={name: tensor})`` (as :class:`~hbmeta.models.conv.Conv4` does).
         hide: parameters kept out of ``theta`` and so out of the hierarchical prior (TyXe's
             ``hide_module_types`` / ``hide``): module types (``nn.LayerNorm``, ``nn.BatchNorm2d``: all their
             parameters) and parameter or submodule names (``"head.bias"``, ``"head"``). A hidden parameter is shared
@@ -109,7 +113,11 @@ class BatchedNet:
         self.num_params = sum(self.sizes)
         self.buffers = dict(module.named_buffers())
         self._fast_mlp = _is_plain_mlp(module) and not hidden
-        self._fast_batched = callable(getattr(module, "forward_batched", None)) and not hidden
+        batched = getattr(module, "forward_batched", None)
+        self._shared_batched = callable(batched) and "shared" in inspect.signature(batched).parameters
+        self._fast_batched = callable(batched) and (not hidden or self._shared_batched)
+        self._caches = self._shared_batched and "cache" in inspect.signature(batched).parameters
+        self._cache: dict | None = None
 
     @property
     def is_plain_mlp(self) -> bool:
@@ -146,13 +154,34 @@ class BatchedNet:
         sample_shape = theta.shape[:-2]
         flat = theta.reshape(-1, *theta.shape[-2:])  # [S, T, P]
         if self._fast_batched:
-            out = self.module.forward_batched(flat, x)
+            if not self.hidden:
+                out = self.module.forward_batched(flat, x)
+            elif self._cache is not None:  # inside shared_constant(): hidden parameters are constants
+                out = self.module.forward_batched(flat, x, shared={n: p.detach() for n, p in self.hidden.items()},
+                                                  cache=self._cache)
+            else:
+                out = self.module.forward_batched(flat, x, shared=self.hidden)
             return out.reshape(*sample_shape, *out.shape[1:])
         if self._fast_mlp:
             return self._mlp_forward(theta, x)
         per_task = torch.vmap(self._single, in_dims=(0, 0))
         out = torch.vmap(per_task, in_dims=(0, None))(flat, x)
         return out.reshape(*sample_shape, *out.shape[1:])
+
+    @contextlib.contextmanager
+    def shared_constant(self) -> Iterator[None]:
+        """Within this block the hidden parameters are constants (no gradient reaches them) and the module may reuse
+        work that depends on them and the input alone: an inner loop that calls the net many times on the same
+        images computes a shared body's features once (``Conv4.forward_batched(..., cache=)``). A no-op without
+        hidden parameters or such a module; not re-entrant (an inner block shares the outer one's cache)."""
+        if not self._caches or self._cache is not None:
+            yield
+            return
+        self._cache = {}
+        try:
+            yield
+        finally:
+            self._cache = None
 
     def _mlp_forward(self, theta: Tensor, x: Tensor) -> Tensor:
         """Fast path for ``nn.Sequential`` of ``nn.Linear`` and element-wise activations: batched matmuls."""

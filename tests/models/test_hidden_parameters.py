@@ -10,7 +10,7 @@ from torch import nn
 from hbmeta import GaussianLikelihood, MetaLearner, SinusoidTasks
 from hbmeta.inference import InnerConfig, TaskBatch
 from hbmeta.inference.gem import gem_bml_gradient
-from hbmeta.models import BatchedNet, DiagonalGaussianPrior, HierarchicalModel, MeanFieldGuide
+from hbmeta.models import BatchedNet, Conv4, DiagonalGaussianPrior, HierarchicalModel, MeanFieldGuide
 from hbmeta.models.linear import exact_log_marginal
 
 
@@ -65,3 +65,43 @@ def test_meta_training_moves_hidden_parameters_and_checkpoints_keep_them():
         assert torch.equal(p, learner.model.net.hidden[n]), n
     with pytest.raises(ValueError, match=r"hidden parameters .* meta-learned .* 'maml' does not learn them"):
         MetaLearner(make(), GaussianLikelihood(0.3), algorithm="maml", hide=(nn.LayerNorm,))
+
+
+@pytest.mark.parametrize("hide", [("features",), ("head.bias",), (nn.BatchNorm2d,)])
+def test_conv4_shared_fast_path_matches_vmap(hide):
+    """Conv4.forward_batched with shared parameters equals the generic vmap path, values and hidden gradients."""
+    torch.manual_seed(0)
+    net = Conv4(in_channels=1, num_classes=3, filters=4, image_size=12)
+    fast, slow = BatchedNet(net, hide=hide), BatchedNet(net, hide=hide)
+    slow._fast_batched = False  # the reference: functional_call under vmap
+    theta = fast.initial_vector() + 0.1 * torch.randn(2, 3, fast.num_params)
+    x = torch.randn(3, 4, 1, 12, 12)
+    a, b = fast(theta, x), slow(theta, x)
+    assert torch.allclose(a, b, atol=1e-5)
+    ga = torch.autograd.grad(a.square().sum(), list(fast.hidden.values()))
+    gb = torch.autograd.grad(b.square().sum(), list(slow.hidden.values()))
+    for u, v in zip(ga, gb):
+        assert torch.allclose(u, v, atol=1e-4)
+
+
+def test_shared_constant_caches_body_per_input():
+    """Inside shared_constant() a shared body runs once per input tensor; outputs and theta-gradients are unchanged."""
+    torch.manual_seed(0)
+    net = Conv4(in_channels=1, num_classes=3, filters=4, image_size=12)
+    batched = BatchedNet(net, hide=("features",))
+    theta = (batched.initial_vector() + 0.1 * torch.randn(2, 3, batched.num_params)).requires_grad_()
+    x = torch.randn(3, 4, 1, 12, 12)
+    reference = batched(theta, x)
+    with batched.shared_constant():
+        first = batched(theta, x)
+        cache = batched._cache
+        assert len(cache) == 1
+        second = batched(theta * 1.0, x)
+        assert len(cache) == 1  # the same images: features reused
+        batched(theta, x + 0.0)
+        assert len(cache) == 2  # new images: computed
+        (g,) = torch.autograd.grad(second.sum(), theta)
+    assert batched._cache is None
+    assert torch.allclose(first, reference, atol=1e-6) and torch.allclose(second, reference, atol=1e-6)
+    (g_ref,) = torch.autograd.grad(reference.sum(), theta)
+    assert torch.allclose(g, g_ref, atol=1e-5)
