@@ -71,29 +71,53 @@ def _resolve_an_experiment_without_defaults():
         EXPERIMENTS.pop("bare")
 
 
+def _train_sinusoid(run: Path, *extra: str) -> int:
+    return main(["train", "sinusoid", "--iterations", "4", "--meta-batch", "4", "--seed", "3", "--checkpoint-every",
+                 "2", "--log-every", "1", "--out", str(run), "--no-progress", "--eval-tasks", "5", *extra])
+
+
+def _state_sums(learner: dict) -> dict[str, float]:
+    tensors = {"prior.mu": learner["prior"]["mu"], "prior.log_sigma": learner["prior"]["log_sigma"],
+               "optimizer.state.0.exp_avg": learner["optimizer"]["state"][0]["exp_avg"],
+               "optimizer.state.1.exp_avg_sq": learner["optimizer"]["state"][1]["exp_avg_sq"]}
+    return {name: value.double().sum().item() for name, value in tensors.items()}
+
+
 def test_a_v0_1_run_folder_resumes_from_the_command_line_to_the_uninterrupted_runs_state(tmp_path):
     """The fixture is a sinusoid GEM-BML+ run written by hbmeta 0.1 (flat ``config.json``), stopped after 2 of its
-    4 iterations; resumed by today's code it must end where 0.1's uninterrupted run ended."""
+    4 iterations; resumed by today's code it must end where 0.1's uninterrupted run ended.
+
+    0.1's numbers were computed on another machine, whose floating-point kernels may sum in another order (CI
+    measured a relative drift of 1.1e-6 after 4 iterations), so they are matched to 1e-4; that resuming itself
+    changes nothing is checked exactly, on this machine, in the next test."""
     run = tmp_path / "run"
     shutil.copytree(FIXTURE, run)
-    code = main(["train", "sinusoid", "--iterations", "4", "--meta-batch", "4", "--seed", "3", "--checkpoint-every",
-                 "2", "--log-every", "1", "--out", str(run), "--resume", "--no-progress", "--eval-tasks", "5"])
-    assert code == 0
+    assert _train_sinusoid(run, "--resume") == 0
     state = load_checkpoint(run / "checkpoint.pt")
     assert state["iteration"] == 4
     expected = json.loads((FIXTURE / "expected_after_4.json").read_text())["sums"]
-    learner = state["learner"]
-    got = {"prior.mu": learner["prior"]["mu"], "prior.log_sigma": learner["prior"]["log_sigma"],
-           "optimizer.state.0.exp_avg": learner["optimizer"]["state"][0]["exp_avg"],
-           "optimizer.state.1.exp_avg_sq": learner["optimizer"]["state"][1]["exp_avg_sq"]}
-    for name, value in got.items():
-        assert value.double().sum().item() == pytest.approx(expected[name], rel=1e-6, abs=1e-9), name
+    for name, value in _state_sums(state["learner"]).items():
+        assert value == pytest.approx(expected[name], rel=1e-4, abs=1e-9), name
     saved = json.loads((run / "config.json").read_text())
     assert isinstance(saved["inner"], dict)  # rewritten in today's nested form, which reads back the same config
     assert TrainConfig.from_dict(saved).to_flat() == TrainConfig.from_dict(
         json.loads((FIXTURE / "config.json").read_text())).to_flat()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
-    assert torch.isfinite(learner["prior"]["mu"]).all()
+    assert torch.isfinite(state["learner"]["prior"]["mu"]).all()
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_exactly_where_the_uninterrupted_run_ends(tmp_path):
+    """Today's run stopped after 2 of 4 iterations (its checkpoint copied aside at iteration 2) and resumed ends
+    bit for bit where the same run without the stop ends."""
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    assert _train_sinusoid(whole) == 0
+    assert main(["train", "sinusoid", "--iterations", "2", "--meta-batch", "4", "--seed", "3", "--checkpoint-every",
+                 "2", "--log-every", "1", "--out", str(half), "--no-progress", "--eval-tasks", "5"]) == 0
+    assert _train_sinusoid(half, "--resume") == 0
+    resumed, uninterrupted = load_checkpoint(half / "checkpoint.pt"), load_checkpoint(whole / "checkpoint.pt")
+    assert resumed["iteration"] == uninterrupted["iteration"] == 4
+    assert _state_sums(resumed["learner"]) == _state_sums(uninterrupted["learner"])
+    assert torch.equal(resumed["learner"]["prior"]["mu"], uninterrupted["learner"]["prior"]["mu"])
 
 
 def test_config_parts_cover_every_field_once():
