@@ -46,7 +46,7 @@ __all__ = ["Algorithm", "PosteriorAlgorithm", "ALGORITHMS", "PriorDefaults", "Le
 
 #: the descriptive fields of an :class:`Algorithm` (class attributes; keyword arguments of its constructor)
 DESCRIPTIVE_FIELDS = ("name", "meta_loss", "estimator", "backprop_through_inner", "bayesian", "reference",
-                      "description", "learns_likelihood")
+                      "description", "learns_likelihood", "learns_hidden")
 
 #: a registered name: lowercase letters, digits and ``-+._``, starting with a letter or digit
 _NAME = re.compile(r"[a-z0-9][a-z0-9+._-]*")
@@ -100,6 +100,8 @@ class Algorithm:
         reference: where it comes from.
         description: one line for listings (optional).
         learns_likelihood: meta-learns the likelihood's learnable parameters (a noise scale) along with the prior.
+        learns_hidden: meta-learns the network's hidden parameters (``hide=``: kept out of the prior, shared by the
+            tasks) as point estimates along with the prior.
     """
 
     name: str = ""
@@ -110,6 +112,7 @@ class Algorithm:
     reference: str = ""
     description: str = ""
     learns_likelihood: bool = False
+    learns_hidden: bool = False
 
     def __init__(self, **fields: Any) -> None:
         unknown = sorted(set(fields) - set(DESCRIPTIVE_FIELDS))

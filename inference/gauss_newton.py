@@ -54,22 +54,49 @@ from hbmeta.inference.errors import InnerLoopDivergedError
 from hbmeta.inference.gauss_newton_cg import cg_direction
 from hbmeta.models.hierarchical import HierarchicalModel
 from hbmeta.models.jacobian import output_jacobian
+from hbmeta.models.likelihoods import gaussian_draws
 from hbmeta.models.posterior import Posterior
 
-__all__ = ["gauss_newton_fit", "gauss_newton_direction", "map_objective"]
+__all__ = ["gauss_newton_fit", "gauss_newton_direction", "map_objective", "function_space_spread", "CURVATURES"]
+
+#: where a mean-field Gauss-Newton step takes the likelihood's curvature (:func:`gauss_newton_fit`'s ``curvature``)
+CURVATURES = ("expected", "mean")
 
 
 def map_objective(model: HierarchicalModel, theta: Tensor, x: Tensor, y: Tensor, prior_loc: Tensor,
-                  prior_var: Tensor) -> Tensor:
-    """Per-task negative log joint ``-log p(D | theta) + sum (theta - mu0)^2 / (2 v0)`` for ``theta [*S, T, P]``."""
-    return -model.log_likelihood(theta, x, y) + 0.5 * ((theta - prior_loc).square() / prior_var).sum(-1)
+                  prior_var: Tensor, spread: Tensor | None = None) -> Tensor:
+    """Per-task negative log joint ``-log p(D | theta) + sum (theta - mu0)^2 / (2 v0)`` for ``theta [*S, T, P]``.
+
+    With ``spread [K, T, N, O]`` (draws of the posterior's spread in function space) the likelihood term is its
+    average over the outputs ``f(x; theta) + spread_k``: the part of the negative ELBO that the mean moves, for the
+    posterior's current variances."""
+    prior_term = 0.5 * ((theta - prior_loc).square() / prior_var).sum(-1)
+    if spread is None:
+        return -model.log_likelihood(theta, x, y) + prior_term
+    f = model.net(theta, x)                                      # [*S, T, N, *out]
+    samples = theta.dim() - 2
+    shifted = f.unsqueeze(0) + spread.reshape(spread.shape[0], *[1] * samples, *f.shape[samples:])
+    return -model.likelihood.log_prob(shifted, y).mean(0) + prior_term
+
+
+def function_space_spread(jac: Tensor, scale: Tensor, num_draws: int) -> Tensor:
+    r"""``[K, T, N, O]`` draws of the mean-field posterior's spread in function space: :math:`N(0, J_n S J_n^\top)`
+    per point with :math:`S = \mathrm{diag}(s^2)`, ``jac [T, N, O, P]``, ``scale [T, P]`` (:func:`hbmeta.models.likelihoods.gaussian_draws`)."""
+    cov = torch.einsum("tnop,tp,tnqp->tnoq", jac, scale.square(), jac)
+    return gaussian_draws(cov, num_draws)
 
 
 def gauss_newton_direction(model: HierarchicalModel, m: Tensor, x: Tensor, y: Tensor, prior_loc: Tensor,
-                           prior_var: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           prior_var: Tensor, scale: Tensor | None = None, num_draws: int = 0
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     r"""One Gauss-Newton direction ``d [T, P]`` at ``m [T, P]``, with ``Gs = G Sigma0^(1/2)`` ``[T, NO, P]``, the
-    Cholesky factor of ``I + Gs Gs^T`` ``[T, NO, NO]`` and the outputs ``f(x; m)`` ``[T, N, O]`` (``prior_loc`` /
-    ``prior_var`` broadcast to ``[T, P]``).
+    Cholesky factor of ``I + Gs Gs^T`` ``[T, NO, NO]``, the outputs ``f(x; m)`` ``[T, N, O]`` (``prior_loc`` /
+    ``prior_var`` broadcast to ``[T, P]``) and the function-space spread it averaged over (or ``None``).
+
+    ``g`` and ``H`` are the likelihood's gradient and Hessian in the outputs at ``f(x; m)``; given the posterior's
+    current ``scale [T, P]`` and ``num_draws``, a likelihood that is not quadratic in ``f`` takes their averages over
+    ``f(x; m) + spread`` (:func:`function_space_spread`, :meth:`~hbmeta.models.likelihoods.Likelihood.expected_curvature`):
+    the Gaussian-VI step of the Bayesian learning rule [1] instead of the Laplace one.
 
     In function space, with ``delta = m - mu0`` and, for a likelihood whose ``R`` is one number per point, the
     whitened output gradient ``r = g / R``:
@@ -83,7 +110,12 @@ def gauss_newton_direction(model: HierarchicalModel, m: Tensor, x: Tensor, y: Te
     directly.
     """
     f, jac = output_jacobian(model.net, m, x)                    # [T, N, *out], [T, N, O, P]
-    grad_f, factor = model.likelihood.curvature(f, y)            # [T, N, O], R broadcastable to [T, N, O, O]
+    spread = None
+    if scale is not None and num_draws and not model.likelihood.quadratic:
+        spread = function_space_spread(jac, scale, num_draws)    # [K, T, N, O]
+        grad_f, factor = model.likelihood.expected_curvature(f, spread, y)
+    else:
+        grad_f, factor = model.likelihood.curvature(f, y)        # [T, N, O], R broadcastable to [T, N, O, O]
     num_tasks, num_params = m.shape
     prior_sd = prior_var.expand_as(m).sqrt()
     delta = m - prior_loc
@@ -108,13 +140,28 @@ def gauss_newton_direction(model: HierarchicalModel, m: Tensor, x: Tensor, y: Te
     else:
         c = torch.bmm(scaled, (prior_sd * gradient + delta / prior_sd).unsqueeze(-1))
     kernel.diagonal(dim1=-2, dim2=-1).add_(1.0)                  # I + Gs Gs^T
-    chol = torch.linalg.cholesky(kernel)
-    w = torch.cholesky_solve(c, chol)
+    chol = _kernel_cholesky(kernel, scaled)
+    w = torch.cholesky_solve(c.to(chol.dtype), chol).to(c.dtype)
     if scalar:
         direction = -delta - prior_sd * torch.bmm((white - w).transpose(1, 2), scaled).squeeze(1)
     else:
         direction = -delta - prior_sd * (prior_sd * gradient - torch.bmm(w.transpose(1, 2), scaled).squeeze(1))
-    return direction, scaled, chol, f
+    return direction, scaled, chol, f, spread
+
+
+def _kernel_cholesky(kernel: Tensor, scaled: Tensor) -> Tensor:
+    """The Cholesky factor of ``kernel = I + Gs Gs^T`` (eigenvalues >= 1 in exact arithmetic). In single precision a
+    kernel with large entries (a wide prior, large outputs) can lose positive definiteness to rounding; then it is
+    formed and factored again from ``scaled = Gs`` in double precision (cheap at ``(N O) x (N O)``)."""
+    chol, info = torch.linalg.cholesky_ex(kernel)
+    if kernel.dtype != torch.float64 and bool((info != 0).any()):
+        exact = scaled.double() @ scaled.double().transpose(1, 2)
+        exact.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        chol, info = torch.linalg.cholesky_ex(exact)
+    if bool((info != 0).any()):
+        raise torch.linalg.LinAlgError(f"Gauss-Newton: I + G Sigma0 G^T is not positive definite for task(s) "
+                                       f"{(info != 0).nonzero().flatten().tolist()} even in double precision")
+    return chol
 
 
 def gauss_newton_fit(
@@ -135,6 +182,8 @@ def gauss_newton_fit(
     generator: torch.Generator | None = None,
     variance: str = "meanfield",
     tolerance: float = 0.0,
+    curvature: str = "expected",
+    num_draws: int = 64,
 ) -> Posterior:
     r"""Run ``steps`` Gauss-Newton VI steps for every task at once from ``start``; the detached posteriors.
 
@@ -157,6 +206,15 @@ def gauss_newton_fit(
         variance: the mean-field guide's variances: ``"meanfield"`` (the KL(q || p)-optimal
             :math:`1 / \mathrm{diag}(\Lambda_0 + G^\top G)`, the default) or ``"marginal"`` (the linearised
             posterior's exact marginals :math:`\mathrm{diag}(\Lambda_0 + G^\top G)^{-1}`, Woodbury only).
+        curvature: where a mean-field step takes the likelihood's gradient and Hessian in the outputs: at the mean
+            (``"mean"``: Gauss-Newton, the linearised model's Laplace step) or averaged over the posterior's current
+            spread in function space (``"expected"``, ``num_draws`` quasi-Monte-Carlo draws per point: the Gaussian-VI
+            step of the Bayesian learning rule, whose fixed point is the mean-field ELBO's optimum for a model linear in
+            its weights). The two agree for a Gaussian likelihood; for a softmax the Laplace step's curvature vanishes
+            wherever the support set is fitted confidently, which leaves the posterior as wide as the prior there
+            and its predictive far too uncertain (README, "Omniglot"). With ``"expected"`` the line search scores the
+            objective with the same draws (the part of the negative ELBO the mean moves). Point-mass and full
+            posteriors, and the ``cg`` solver, take ``"mean"``.
         tolerance: stop after a step in which every task converged: its objective fell by at most
             ``tolerance * max(1, |objective|)``, and, if no candidate step helped it, it had also converged in the
             step before (one rejection may only mean that the full step was too long). The remaining callbacks see
@@ -168,12 +226,17 @@ def gauss_newton_fit(
         raise ValueError(f"unknown Gauss-Newton solver {solver!r}; choose 'woodbury' or 'cg'")
     if solver == "cg" and kind == "full":
         raise ValueError("the matrix-free Gauss-Newton solver gives mean-field or point-mass posteriors, not full ones")
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature={curvature!r}: choose one of {', '.join(CURVATURES)}")
+    expected = (curvature == "expected" and kind == "meanfield" and solver == "woodbury" and num_draws > 0
+                and not model.likelihood.quadratic)
     m = start.loc.detach().clone()
     prior_var = prior_var.detach().expand_as(m)
     prior_loc = prior_loc.detach()
     candidates = 0.5 ** torch.arange(halvings + 1, dtype=m.dtype, device=m.device)
     reach = torch.ones(m.shape[0], dtype=m.dtype, device=m.device)  # per task: the largest step it will try next
     posterior = start.detach()
+    scale = (start.scale.detach() if start.kind == "meanfield" else prior_var.sqrt()) if expected else None
     small_before = torch.zeros(m.shape[0], dtype=torch.bool, device=m.device)
     with torch.no_grad():
         current = map_objective(model, m, x, y, prior_loc, prior_var) if solver == "cg" else None
@@ -183,16 +246,22 @@ def gauss_newton_fit(
             if solver == "cg":
                 direction, diagonal = cg_direction(model, m, x, y, prior_loc, prior_var, cg_steps, probes, generator)
             else:
-                direction, scaled, chol, f = gauss_newton_direction(model, m, x, y, prior_loc, prior_var)
-                if current is None:  # the objective at the start, from the outputs the Jacobian pass computed
-                    current = -model.likelihood.log_prob(f, y) + 0.5 * ((m - prior_loc).square() / prior_var).sum(-1)
+                direction, scaled, chol, f, spread = gauss_newton_direction(model, m, x, y, prior_loc, prior_var,
+                                                                            scale, num_draws if expected else 0)
+                if current is None or spread is not None:  # the objective at m, from the Jacobian pass's outputs
+                    shifted = f if spread is None else f.unsqueeze(0) + spread.reshape(spread.shape[0], *f.shape)
+                    fit = model.likelihood.log_prob(shifted, y)
+                    current = -(fit if spread is None else fit.mean(0)) + 0.5 * ((m - prior_loc).square()
+                                                                                / prior_var).sum(-1)
             if not torch.isfinite(direction.sum()):
                 bad = (~torch.isfinite(direction).all(1)).nonzero().flatten().tolist()
                 raise InnerLoopDivergedError(f"Gauss-Newton inner update produced NaN/inf at step {step} of {steps} "
                                              f"for task(s) {bad}; check the data and the prior scale")
             before = current
             m, current, reach = _line_search(model, m, direction, reach, current, candidates, x, y, prior_loc,
-                                             prior_var)
+                                             prior_var, spread if solver != "cg" else None)
+            if expected:  # the next step's spread comes from this step's variances
+                scale = _posterior("meanfield", m, prior_var, scaled, chol, False, variance).scale
             done = step == steps
             if tolerance > 0:
                 small = (before - current) <= tolerance * current.abs().clamp_min(1.0)
@@ -211,16 +280,17 @@ def gauss_newton_fit(
 
 
 def _line_search(model: HierarchicalModel, m: Tensor, direction: Tensor, reach: Tensor, current: Tensor,
-                 candidates: Tensor, x: Tensor, y: Tensor, prior_loc: Tensor, prior_var: Tensor
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per task, the largest step ``reach * candidates[j]`` along ``direction`` that lowers the MAP objective.
+                 candidates: Tensor, x: Tensor, y: Tensor, prior_loc: Tensor, prior_var: Tensor,
+                 spread: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per task, the largest step ``reach * candidates[j]`` along ``direction`` that lowers the MAP objective (with
+    ``spread``: its average over the posterior's spread, :func:`map_objective`).
 
     The full step is scored for every task in one forward pass; only the tasks it does not help score the
     shorter ones (again in one pass), so the usual case costs one forward. Returns the new means, objectives and
     reaches (1 after a step was taken; half the shortest tried where none helped and the task stayed).
     """
     full = m + reach.unsqueeze(-1) * direction
-    score = map_objective(model, full, x, y, prior_loc, prior_var)
+    score = map_objective(model, full, x, y, prior_loc, prior_var, spread)
     ok = (score < current) & torch.isfinite(score)
     m = torch.where(ok.unsqueeze(-1), full, m)
     new_reach = torch.where(ok, torch.ones_like(reach), reach)
@@ -230,7 +300,11 @@ def _line_search(model: HierarchicalModel, m: Tensor, direction: Tensor, reach: 
         tried = reach[rest].unsqueeze(0) * candidates[1:].unsqueeze(1)                 # [H, R]
         trial = m[rest] + tried.unsqueeze(-1) * direction[rest]                         # [H, R, P]
         loc = prior_loc if prior_loc.dim() == 1 else prior_loc[rest]
-        scores = map_objective(model, trial, x[rest], y[rest], loc, prior_var[rest])   # [H, R]
+        subset = model.likelihood.select(rest)  # a likelihood holding per-task values follows the subset
+        if subset is not model.likelihood:
+            model = HierarchicalModel(model.net, model.prior, subset)
+        scores = map_objective(model, trial, x[rest], y[rest], loc, prior_var[rest],
+                               None if spread is None else spread[:, rest])               # [H, R]
         better = (scores < current[rest]) & torch.isfinite(scores)
         found = better.any(0)
         best = better.to(torch.int8).argmax(0)
@@ -254,7 +328,8 @@ def _posterior(kind: str, m: Tensor, prior_var: Tensor, scaled: Tensor, chol: Te
         return Posterior(m)
     prior_sd = prior_var.sqrt()
     if kind == "full" or laplace or variance == "marginal":
-        factor = prior_sd.unsqueeze(-1) * torch.linalg.solve_triangular(chol, scaled, upper=False).transpose(1, 2)
+        factor = prior_sd.unsqueeze(-1) * torch.linalg.solve_triangular(
+            chol, scaled.to(chol.dtype), upper=False).transpose(1, 2).to(scaled.dtype)
     if kind == "full":  # P x P per task: small models only
         cov = torch.diag_embed(prior_var) - factor @ factor.transpose(1, 2)
         return Posterior(m, scale_tril=torch.linalg.cholesky(cov))

@@ -209,6 +209,7 @@ class GEMAlgorithm(PosteriorAlgorithm):
     backprop_through_inner = False
     bayesian = True
     learns_likelihood = True
+    learns_hidden = True
 
     def default_inner(self, gauss_newton: bool) -> InnerConfig:
         """2 steps of Gauss-Newton mean-field VI (:mod:`hbmeta.inference.gauss_newton`; no step size, no Monte-Carlo

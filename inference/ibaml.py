@@ -48,6 +48,7 @@ from torch import Tensor
 
 from hbmeta.inference.algorithm import LearnerState, PosteriorAlgorithm, register_algorithm
 from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.gem import SHARED_PREFIX
 from hbmeta.inference.imaml import conjugate_gradient
 from hbmeta.inference.inner import InnerConfig, diagonal_kl, fit_posterior
 from hbmeta.models.guides import Guide
@@ -77,10 +78,12 @@ def vi_implicit_gradient(objective: Callable[[Tensor], Tensor], meta_loss: Calla
         cg_steps, damping: CG iterations per task and ``delta`` of :math:`(\nabla^2 F + \delta I) w = \nabla L`.
 
     Returns:
-        ``([dL/dTheta_i], w)``: the gradient (summed over tasks, detached) and the solve ``w [T, D]``.
+        ``([dL/dTheta_i], w)``: the gradient (summed over tasks, detached) and the solve ``w [T, D]``. A
+        meta-parameter that ``L`` also reads directly (a hidden, shared network weight) gets its partial derivative
+        added to the implicit term: :math:`dL/d\Theta = \partial_\Theta L - (\partial^2_{\Theta\lambda} F)^\top w`.
     """
     lam = optimum.detach().requires_grad_()
-    (dl,) = torch.autograd.grad(meta_loss(lam), lam)
+    dl, *direct = torch.autograd.grad(meta_loss(lam), [lam, *hyper], allow_unused=True)
     (df,) = torch.autograd.grad(objective(lam), lam, create_graph=True)
 
     def hvp(v: Tensor) -> Tensor:
@@ -89,7 +92,11 @@ def vi_implicit_gradient(objective: Callable[[Tensor], Tensor], meta_loss: Calla
 
     w = conjugate_gradient(hvp, dl.detach(), cg_steps).detach()
     mixed = torch.autograd.grad(df, hyper, grad_outputs=w, allow_unused=True)
-    return [torch.zeros_like(h) if g is None else -g.detach() for g, h in zip(mixed, hyper)], w
+    total = []
+    for g, d, h in zip(mixed, direct, hyper):
+        part = torch.zeros_like(h) if g is None else -g.detach()
+        total.append(part if d is None else part + d.detach())
+    return total, w
 
 
 def _expected_nll(model: HierarchicalModel, lam: Tensor, x: Tensor, y: Tensor, eps: Tensor) -> Tensor:
@@ -106,7 +113,8 @@ def ibaml_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, con
                    generator: torch.Generator | None = None, damping: float = IBAML_DAMPING,
                    expectation: str = "mean") -> tuple[dict[str, Tensor], Posterior]:
     r"""iBaML's meta-gradient ``{prior parameter: dL/dTheta}`` averaged over tasks (descent direction of the mean
-    query NLL), and the support posteriors it came from. ``config.cg_steps`` CG iterations, ``damping`` ``delta``,
+    query NLL), and the support posteriors it came from. The network's hidden (shared) parameters ``phi`` get theirs
+    as ``"net.<name>"``: the query NLL reads them directly and through the posterior (the implicit term). ``config.cg_steps`` CG iterations, ``damping`` ``delta``,
     ``expectation`` one of :data:`EXPECTATIONS`."""
     if expectation not in EXPECTATIONS:
         raise ValueError(f"unknown expectation {expectation!r}; choose one of {', '.join(EXPECTATIONS)}")
@@ -120,7 +128,7 @@ def ibaml_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, con
         shape = (max(config.num_samples, 1), *post.loc.shape)
         eps_support = torch.randn(shape, generator=generator, device=x.device, dtype=post.loc.dtype)
         eps_query = torch.randn(shape, generator=generator, device=x.device, dtype=post.loc.dtype)
-    names, hyper = zip(*prior.named_parameters())
+    names, hyper = zip(*prior.named_parameters(), *((SHARED_PREFIX + n, p) for n, p in model.net.hidden.items()))
 
     def objective(lam: Tensor) -> Tensor:
         m, rho = lam.chunk(2, dim=-1)
@@ -141,6 +149,7 @@ class IBAMLAlgorithm(PosteriorAlgorithm):
     backprop_through_inner = False
     bayesian = True
     reference = "Zhang et al. 2023"
+    learns_hidden = True
     description = "implicit-function-theorem gradient of the support posterior's query likelihood"
 
     def meta_gradient_and_posterior(self, learner: LearnerState, batch: TaskBatch,

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from hbmeta.inference.errors import InnerLoopDivergedError
 from hbmeta.inference.gauss_newton import gauss_newton_fit
+from hbmeta.inference.gauss_newton_latents import gauss_newton_latent_fit
 from hbmeta.models.guides import Guide
 from hbmeta.inference.autoguide import AutoGuidePerTask
 from hbmeta.models.hierarchical import HierarchicalModel
@@ -91,7 +92,9 @@ class InnerConfig:
         solver: how Gauss-Newton solves for its step: ``"woodbury"`` (exact, through the Jacobian; small outputs x
             points), ``"cg"`` (matrix-free conjugate gradients with ``cg_steps`` iterations and a Hutchinson
             diagonal from ``probes`` probes; :mod:`hbmeta.inference.gauss_newton_cg`) or ``"auto"``: ``woodbury`` for plain
-            MLPs, ``cg`` for other networks (conv4, whose batch norm makes every Jacobian row a full backward).
+            MLPs and for networks with at most :data:`WOODBURY_MAX_PARAMS` weights under the prior (conv4's head when
+            its body is hidden), ``cg`` for other networks (a fully Bayesian conv4, whose batch norm makes every
+            Jacobian row a full backward).
         probes: Rademacher probes of the ``cg`` solver's Hutchinson diagonal.
         variance: Gauss-Newton's mean-field variances: ``"meanfield"`` (the KL-optimal ``1 / diag(precision)``) or
             ``"marginal"`` (the linearised posterior's exact marginals; measured worse for GEM-BML+, README).
@@ -106,6 +109,12 @@ class InnerConfig:
             helps. Off by default: on Omniglot it rejects whitened Adam's first step (moving 112k weights by half a
             prior sd costs ~10^4 nats of KL for a few nats of likelihood), and meta-training then learns nothing
             (20% after 150 iterations, README "Omniglot"); it stops the later steps' overshoot only by stopping all.
+        curvature: Gauss-Newton VI with a mean-field guide: the likelihood's gradient and Hessian in the outputs
+            averaged over the posterior's spread (``"expected"``, ``curvature_draws`` quasi-Monte-Carlo draws per point:
+            Gaussian VI by the Bayesian learning rule) or taken at its mean (``"mean"``: the Laplace step). The same for
+            a Gaussian likelihood; for a softmax ``"mean"`` leaves the posterior of a confidently fitted support set as
+            wide as the prior (:func:`hbmeta.inference.gauss_newton.gauss_newton_fit`).
+        curvature_draws: draws per point of ``curvature="expected"``.
         latent_lr: Adam's learning rate for the guide of per-task latents besides the weights
             (:mod:`hbmeta.models.latents`, e.g. a noise scale). That guide is always fitted with Adam: it is not
             whitened, so the weights' (whitened SGD) step size does not suit it. ``None`` means ``lr``.
@@ -131,6 +140,8 @@ class InnerConfig:
     variance: str = "meanfield"
     tolerance: float = 1e-5
     latent_lr: float | None = None
+    curvature: str = "expected"
+    curvature_draws: int = 64
 
     def __post_init__(self) -> None:
         if self.method not in INNER_METHODS:
@@ -138,6 +149,8 @@ class InnerConfig:
         if self.solver not in ("auto", "woodbury", "cg") or self.probes < 1:
             raise ValueError(f"bad Gauss-Newton solver settings: solver={self.solver!r} (auto, woodbury or cg), "
                              f"probes={self.probes} (>= 1)")
+        if self.curvature not in ("expected", "mean"):
+            raise ValueError(f"unknown curvature {self.curvature!r}; choose 'expected' or 'mean'")
         if self.variance not in ("meanfield", "marginal"):
             raise ValueError(f"unknown variance {self.variance!r}; choose 'meanfield' or 'marginal'")
         if self.estimator not in ("local", "reparam"):
@@ -147,7 +160,7 @@ class InnerConfig:
         if self.scale_lr is not None and not (isinstance(self.scale_lr, (int, float)) and math.isfinite(self.scale_lr)
                                               and self.scale_lr > 0):
             raise ValueError(f"scale_lr={self.scale_lr!r} must be a finite number > 0 (or None for lr)")
-        for name in ("steps", "num_samples", "cg_steps", "line_search", "probes"):
+        for name in ("steps", "num_samples", "cg_steps", "line_search", "probes", "curvature_draws"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be an integer")
@@ -165,6 +178,8 @@ class InnerConfig:
             raise ValueError(f"line_search={self.line_search} must be >= 0 (the number of step halvings)")
         if self.elbo not in ("auto", "pyro"):
             raise ValueError(f"unknown elbo {self.elbo!r}; choose 'auto' or 'pyro'")
+        if self.curvature_draws < 1:
+            raise ValueError(f"curvature_draws={self.curvature_draws} must be >= 1")
         if self.steps < 0 or self.num_samples < 1 or not self.lr > 0:
             raise ValueError(f"bad inner config: steps={self.steps}, num_samples={self.num_samples}, lr={self.lr}")
         if not self.imaml_lambda > 0 or self.cg_steps < 1:
@@ -401,10 +416,15 @@ def clip_per_task(params: list[Tensor], max_norm: float) -> None:
 
 
 _GAUSS_NEWTON_KINDS = {"meanfield": "meanfield", "delta": "delta", "fullcov": "full"}
+#: ``solver="auto"`` solves exactly (Woodbury, through the Jacobian) for plain MLPs and for networks with at most this
+#: many weights under the prior (a Bayesian head on a shared body: ``hide=``), else by matrix-free CG
+WOODBURY_MAX_PARAMS = 20_000
 
 
-def _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace, generator) -> Posterior:
-    """:func:`hbmeta.inference.gauss_newton.gauss_newton_fit` for a diagonal Gaussian prior and a supported guide."""
+def _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace, generator, sites=None,
+                  latent_prior=None) -> Posterior:
+    """:func:`hbmeta.inference.gauss_newton.gauss_newton_fit` for a diagonal Gaussian prior and a supported guide
+    (:func:`hbmeta.inference.gauss_newton_latents.gauss_newton_latent_fit` for a model with per-task latents)."""
     moments = _diagonal_normal(prior)
     if moments is None:
         raise ValueError(f"the Gauss-Newton inner update needs a diagonal Gaussian prior inside the ELBO; got "
@@ -413,10 +433,17 @@ def _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, lap
         raise ValueError(f"the Gauss-Newton inner update fits a meanfield, delta or fullcov guide; got {guide.name!r}: "
                          f"use InnerConfig(method='svi') for it")
     loc, scale = moments
-    solver = config.solver if config.solver != "auto" else ("woodbury" if model.net.is_plain_mlp else "cg")
+    solver = config.solver if config.solver != "auto" else (
+        "woodbury" if model.net.is_plain_mlp or model.net.num_params <= WOODBURY_MAX_PARAMS else "cg")
+    settings = dict(halvings=config.line_search, laplace=laplace and solver == "woodbury", solver=solver,
+                    cg_steps=config.cg_steps, probes=config.probes, generator=generator, variance=config.variance,
+                    curvature=config.curvature, num_draws=config.curvature_draws)
+    if sites:
+        return gauss_newton_latent_fit(model, x, y, start, loc, scale.pow(2), steps, sites, negative_elbo,
+                                       _GAUSS_NEWTON_KINDS[guide.name], latent_prior, config.latent_lr,
+                                       num_samples=config.num_samples, callback=callback, **settings)
     return gauss_newton_fit(model, x, y, start, loc, scale.pow(2), steps, _GAUSS_NEWTON_KINDS[guide.name],
-                            config.line_search, callback, laplace and solver == "woodbury", solver, config.cg_steps,
-                            config.probes, generator, config.variance, config.tolerance)
+                            callback=callback, tolerance=config.tolerance, **settings)
 
 
 def _fit_posterior(
@@ -471,14 +498,12 @@ def _fit_posterior(
     if sequential and sites and start.latents:
         latent_prior = {n: site.distribution(start.latents[n]) for n, site in sites.items() if n in start.latents}
     if config.method == "gauss-newton":
-        if sites:
-            raise ValueError(f"the model samples per-task latent(s) {sorted(sites)} besides the weights, which the "
-                             f"Gauss-Newton inner update cannot fit; use InnerConfig(method='svi')")
         if overrides_model(model):
             raise ValueError(f"{type(model).__name__} overrides HierarchicalModel.model, which the Gauss-Newton inner "
                              f"update cannot run (it linearises the network under the likelihood's curvature); use "
                              f"InnerConfig(method='svi'), which runs your model through Pyro's ELBO")
-        return _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace, generator)
+        return _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace, generator, sites,
+                             latent_prior)
     if isinstance(guide, AutoGuidePerTask):  # a Pyro autoguide, fitted by Pyro's SVI in the task plate
         posterior = guide.fit(model, x, y, start, prior, steps, config.num_samples, sites, latent_prior, config.latent_lr)
         if callback is not None:

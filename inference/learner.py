@@ -173,7 +173,7 @@ class MetaLearner:
     iteration: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.net, nn.Module):
+        if not isinstance(self.net, (nn.Module, BatchedNet)):
             raise TypeError(f"net must be a torch nn.Module (or a BatchedNet around one); got {type(self.net).__name__}")
         if not isinstance(self.algorithm, str):
             raise TypeError(f"algorithm must be a name, one of {', '.join(ALGORITHMS)}; got {self.algorithm!r}")
@@ -207,10 +207,11 @@ class MetaLearner:
         if self.hide and isinstance(self.net, BatchedNet):
             raise ValueError("give hide= to BatchedNet(module, hide=...) or to MetaLearner with a plain nn.Module, not both")
         batched = self.net if isinstance(self.net, BatchedNet) else BatchedNet(self.net, hide=self.hide)
-        if batched.hidden and not self.spec.learns_likelihood:
-            raise ValueError(f"hidden parameters {list(batched.hidden)} are meta-learned as point estimates by GEM's "
-                             f"Fisher identity (gem-bml, gem-bml+); {self.algorithm!r} does not learn them: put them "
-                             f"under the prior (hide=()) or use a GEM algorithm")
+        if batched.hidden and not self.spec.learns_hidden:
+            learners = ", ".join(n for n, a in ALGORITHMS.items() if a.learns_hidden)
+            raise ValueError(f"hidden parameters {list(batched.hidden)} are meta-learned as point estimates by "
+                             f"{learners}; {self.algorithm!r} does not learn them: put them under the prior (hide=()) "
+                             f"or use one of those algorithms")
         if self.prior_scale is None:
             self.prior_scale = defaults.prior_scale
         if self.max_prior_scale == "auto":
@@ -324,23 +325,29 @@ class MetaLearner:
             raise ValueError("predict: x contains NaN or inf")
         x = x.to(self.device)
         if posterior.has_laplace:
-            return self._linearised_predictive(posterior, x, num_samples, generator)
+            predictive = self._linearised_predictive(posterior, x, num_samples, generator)
+            return predictive.with_latents(self._latent_draws(posterior, x, num_samples, generator))
         if posterior.kind == "particles":
             n = posterior.particles.shape[0]
         else:
             n = 1 if posterior.kind == "delta" else num_samples
         samples = self.model.net(posterior.sample(n, generator), x)
-        latents = {}
-        if posterior.latents:  # per-task latents besides the weights: draws of their posteriors, y drawn given them
-            sites = self.model.latent_sites(x, None)
-            latents = {name: sites[name].sample(part, num_samples, generator) for name, part in posterior.latents.items()}
+        latents = self._latent_draws(posterior, x, num_samples, generator)
         return PosteriorPredictive(samples.mean(0), samples.std(0, unbiased=False), samples, self.likelihood,
                                    num_samples, generator, latents)
+
+    def _latent_draws(self, posterior: Posterior, x: Tensor, num_samples: int, generator: torch.Generator | None
+                      ) -> dict[str, Tensor]:
+        """Per-task latents besides the weights: draws of their posteriors (y is drawn given them)."""
+        if not posterior.latents:
+            return {}
+        sites = self.model.latent_sites(x, None)
+        return {name: sites[name].sample(part, num_samples, generator) for name, part in posterior.latents.items()}
 
     def _linearised_predictive(self, posterior: Posterior, x: Tensor, num_samples: int,
                                generator: torch.Generator | None, chunk: int = 8) -> PosteriorPredictive:
         """The GLM predictive, ``chunk`` tasks at a time (the query Jacobian is ``[chunk, N, O, P]``)."""
-        means, stds, draws = [], [], []
+        means, stds, draws, covs = [], [], [], []
         for start in range(0, x.shape[0], chunk):
             part = slice(start, start + chunk)
             f, jac = output_jacobian(self.model.net, posterior.loc[part], x[part])
@@ -352,8 +359,9 @@ class MetaLearner:
             means.append(f)
             stds.append(cov.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().reshape(f.shape))
             draws.append(draw.reshape(num_samples, *f.shape))
+            covs.append(cov)
         return PosteriorPredictive(torch.cat(means), torch.cat(stds), torch.cat(draws, 1), self.likelihood,
-                                   num_samples, generator)
+                                   num_samples, generator, cov=torch.cat(covs))
 
     # ---------------------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:

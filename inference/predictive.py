@@ -39,17 +39,31 @@ class PosteriorPredictive:
         mean: ``[T, N, out]`` mean of ``f`` (the linearised predictive's exact mean after Gauss-Newton VI).
         std: ``[T, N, out]`` spread of ``f`` over the posterior (epistemic).
         samples: ``[S, T, N, out]`` draws of ``f`` (as ``sites["f"]``).
+        cov: ``[T, N, O, O]`` covariance of ``f`` per point where the predictive is Gaussian in function space (the
+            linearised one after Gauss-Newton VI), else ``None``.
     """
 
     def __init__(self, mean: Tensor, std: Tensor, samples: Tensor, likelihood: Likelihood, num_samples: int,
-                 generator: torch.Generator | None = None, latents: dict[str, Tensor] | None = None) -> None:
-        self.mean, self.std, self.samples = mean, std, samples
+                 generator: torch.Generator | None = None, latents: dict[str, Tensor] | None = None,
+                 cov: Tensor | None = None) -> None:
+        self.mean, self.std, self.samples, self.cov = mean, std, samples, cov
         self.latents = latents or {}
         if self.latents:
             likelihood = likelihood.condition(self.latents)
         self._likelihood, self._num_samples = likelihood, num_samples
         self._seed = None if generator is None else _derived_seed(generator)
         self._observed: Tensor | None = None
+
+    def with_latents(self, latents: dict[str, Tensor]) -> "PosteriorPredictive":
+        """This predictive with draws of per-task latents added as sites (``obs`` is then drawn given them)."""
+        if not latents:
+            return self
+        return PosteriorPredictive(self.mean, self.std, self.samples, self._likelihood, self._num_samples, None,
+                                   latents, self.cov)._seeded(self._seed)
+
+    def _seeded(self, seed: int | None) -> "PosteriorPredictive":
+        self._seed = seed
+        return self
 
     @property
     def observed(self) -> Tensor:

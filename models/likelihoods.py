@@ -18,7 +18,9 @@ A likelihood is an ``nn.Module``: a learned noise scale or temperature (``learn_
 
 from __future__ import annotations
 
+import functools
 import math
+import random
 
 import pyro
 import pyro.distributions as dist
@@ -26,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Likelihood", "GaussianLikelihood", "CategoricalLikelihood"]
+__all__ = ["Likelihood", "GaussianLikelihood", "CategoricalLikelihood", "EXPECTATION_DRAWS", "standard_draws",
+           "gaussian_draws", "psd_factor"]
 
 
 class Likelihood(nn.Module):
@@ -34,6 +37,9 @@ class Likelihood(nn.Module):
 
     #: whether :meth:`pyro_model` runs user code that may sample latent sites (:class:`~hbmeta.models.pyro_likelihood.PyroLikelihood`)
     is_program: bool = False
+    #: whether ``log p(y | f)`` is quadratic in ``f`` (Gaussian): its curvature is the same everywhere, so expectations
+    #: over the posterior's spread (:meth:`expected_curvature`) equal the values at the mean
+    quadratic: bool = False
 
     def distribution(self, pred: Tensor) -> dist.TorchDistribution:
         raise NotImplementedError
@@ -44,6 +50,17 @@ class Likelihood(nn.Module):
         if values:
             raise ValueError(f"{type(self).__name__} samples no latent sites, so it cannot be conditioned on "
                              f"{sorted(values)}; sample per-task latents in a PyroLikelihood program")
+        return self
+
+    def select(self, index: Tensor | slice) -> "Likelihood":
+        """This likelihood for the tasks ``index`` of a batch: itself, unless it holds per-task values (a Pyro
+        program conditioned on each task's latents, :meth:`PyroLikelihood.condition_tasks
+        <hbmeta.models.pyro_likelihood.PyroLikelihood.condition_tasks>`)."""
+        return self
+
+    def tiled(self, times: int) -> "Likelihood":
+        """This likelihood for ``times`` copies of a batch's tasks stacked task-major (``[times * T, ...]``): itself,
+        unless it holds per-task values."""
         return self
 
     def pyro_model(self, pred: Tensor, y: Tensor | None) -> None:
@@ -68,22 +85,55 @@ class Likelihood(nn.Module):
         r"""What the Gauss-Newton inner update needs of ``-log p(y | f)`` at ``f = pred [T, N, ...]``.
 
         Returns its gradient in ``f``, ``[T, N, O]`` (output dims flattened), and a factor ``R`` (broadcastable to
-        ``[T, N, O, O]``) of its Gauss-Newton Hessian per point, :math:`H = R R^\top \succeq 0`.
+        ``[T, N, O, O]``) of its Hessian per point, :math:`H = R R^\top \succeq 0`.
+
+        This default works for any :meth:`log_prob` whose observations are conditionally independent across points
+        given ``f`` (a Student-t, a heteroscedastic head, a Pyro program's ``Independent`` of element-wise
+        distributions): the gradient is one reverse pass, the Hessian's ``O x O`` block of every point ``O`` more
+        (Hessian-vector products with the unit vector of output ``o`` at every point at once). A Hessian need not be
+        positive semi-definite (a Student-t far in its tail bends the other way), so each block is projected onto
+        the PSD cone (:func:`psd_factor`). The built-in likelihoods override it with their closed forms.
         """
-        raise NotImplementedError(f"{type(self).__name__} has no Gauss-Newton curvature; use the SVI inner update "
-                                  f"(InnerConfig(method='svi'))")
+        f = pred.detach().flatten(2).clone().requires_grad_()          # [T, N, O]
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(-self.log_prob(f.reshape(pred.shape), y).sum(), f, create_graph=True)
+            outputs = f.shape[-1]
+            columns = []
+            for o in range(outputs):
+                unit = torch.zeros_like(f)
+                unit[..., o] = 1.0
+                (column,) = torch.autograd.grad(grad, f, unit, retain_graph=o < outputs - 1, allow_unused=True)
+                columns.append(torch.zeros_like(f) if column is None else column)
+        hess = torch.stack(columns, -1)                                   # [T, N, O, O]
+        return grad.detach().flatten(2), psd_factor(0.5 * (hess + hess.transpose(-1, -2)).detach())
+
+    def expected_curvature(self, pred: Tensor, draws: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        r""":meth:`curvature` averaged over the outputs ``f = pred + draws`` (``draws [K, T, N, O]``: draws of the
+        posterior's spread in function space, :func:`gaussian_draws`): :math:`\mathbb{E}_q[g]` and a factor of
+        :math:`\mathbb{E}_q[H]`, what the Bayesian learning rule's Gaussian VI step takes where the Gauss-Newton step
+        takes ``g`` and ``H`` at the mean. A likelihood quadratic in ``f`` (:attr:`quadratic`) has the same ``g`` on
+        average and the same ``H`` everywhere, so it takes :meth:`curvature` at ``pred``."""
+        if self.quadratic:
+            return self.curvature(pred, y)
+        num_draws, num_tasks = draws.shape[0], pred.shape[0]
+        f = (pred.reshape(draws.shape[1:]).unsqueeze(0) + draws).reshape(num_draws * num_tasks, *pred.shape[1:])
+        grad, factor = self.tiled(num_draws).curvature(
+            f, y.unsqueeze(0).expand(num_draws, *y.shape).reshape(-1, *y.shape[1:]))
+        factor = factor.expand(*grad.shape, grad.shape[-1])
+        hess = (factor @ factor.transpose(-1, -2)).unflatten(0, (num_draws, num_tasks)).mean(0)
+        return grad.unflatten(0, (num_draws, num_tasks)).mean(0), psd_factor(hess)
 
     def expected_log_prob(self, mean: Tensor, cov: Tensor, y: Tensor) -> Tensor:
-        r""":math:`\mathbb{E}_{f \sim N(\mathrm{mean}, \mathrm{cov})} \log p(y \mid f)` per task ``[T]``, to second order:
-        :math:`\log p(y \mid \bar f) - \tfrac12 \mathrm{tr}(H(\bar f)\, \Sigma_f)` summed over points.
+        r""":math:`\mathbb{E}_{f \sim N(\mathrm{mean}, \mathrm{cov})} \log p(y \mid f)` per task ``[T]``, summed over points.
 
-        ``mean [T, N, ...]`` (the network's output shape), ``cov [T, N, O, O]``. Differentiable in the likelihood's
-        parameters. Uses :meth:`curvature`'s Gauss-Newton Hessian.
+        ``mean [T, N, ...]`` (the network's output shape), ``cov [T, N, O, O]``. A quasi-Monte-Carlo average over
+        :data:`EXPECTATION_DRAWS` fixed draws (:func:`gaussian_draws`: deterministic, and the same draws at every call,
+        so that differences and gradients are smooth); differentiable in ``mean`` and in the likelihood's parameters.
+        A likelihood quadratic in ``f`` overrides it with its closed form.
         """
-        _, factor = self.curvature(mean, y)
-        factor = factor.expand(*cov.shape)
-        hess = factor @ factor.transpose(-1, -2)
-        return self.log_prob(mean, y) - 0.5 * (hess * cov).sum((-1, -2)).sum(-1)
+        draws = gaussian_draws(cov.detach(), EXPECTATION_DRAWS)          # [K, T, N, O]
+        f = mean.reshape(draws.shape[1:]).unsqueeze(0) + draws
+        return self.log_prob(f.reshape(EXPECTATION_DRAWS, *mean.shape), y).mean(0)
 
     def forward(self, mean: Tensor, cov: Tensor, y: Tensor) -> Tensor:
         """:meth:`expected_log_prob` (so that ``torch.func.functional_call`` can take per-task gradients of it)."""
@@ -91,8 +141,10 @@ class Likelihood(nn.Module):
 
     @property
     def has_curvature(self) -> bool:
-        """Whether :meth:`curvature` is implemented (the Gauss-Newton inner update needs it)."""
-        return type(self).curvature is not Likelihood.curvature
+        """Whether :meth:`curvature` applies: every likelihood's ``log p(y | f)`` has one (:meth:`curvature`'s default
+        takes it by autograd); a Pyro program's with per-task latents needs their values, which the inner update
+        fits beside the weights."""
+        return True
 
     @property
     def learnable(self) -> bool:
@@ -103,6 +155,50 @@ class Likelihood(nn.Module):
         """Raise a clear error if targets ``y`` cannot belong to inputs ``x`` ([T, N, ...] each)."""
         if y.shape[:2] != x.shape[:2]:
             raise ValueError(f"targets {tuple(y.shape)} and inputs {tuple(x.shape)} disagree on [tasks, points]")
+
+
+#: quasi-Monte-Carlo draws per point of :meth:`Likelihood.expected_log_prob` and of the Gauss-Newton VI's expected curvature
+EXPECTATION_DRAWS = 64
+
+
+def standard_draws(num_draws: int, dim: int, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str | None = None) -> Tensor:
+    """``[num_draws, dim]`` fixed standard-normal points: the same at every call (common random numbers, so that
+    differences and gradients of averages over them are smooth), in antithetic pairs (for an even ``num_draws`` their
+    mean is exactly zero: averages of a linear function are exact, of a quadratic one unbiased). They come from
+    Python's own seeded generator, not torch's, so no random stream is read and they can be made inside
+    ``torch.func`` transforms."""
+    half = _fixed_normals((num_draws + 1) // 2, dim)
+    points = torch.tensor(half, dtype=torch.float64)
+    return torch.cat([points, -points])[:num_draws].to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _fixed_normals(count: int, dim: int) -> tuple[tuple[float, ...], ...]:
+    stream = random.Random(0)
+    return tuple(tuple(stream.gauss(0.0, 1.0) for _ in range(dim)) for _ in range(count))
+
+
+def gaussian_draws(cov: Tensor, num_draws: int) -> Tensor:
+    """``[K, *batch, O]`` draws of ``N(0, cov)`` for ``cov [*batch, O, O]``: :func:`standard_draws` through a Cholesky
+    factor (with a jitter of ``1e-9`` of the mean variance, for singular covariances)."""
+    size = cov.shape[-1]
+    eye = torch.eye(size, dtype=cov.dtype, device=cov.device)
+    jitter = 1e-9 * cov.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-12)
+    chol = torch.linalg.cholesky(cov + jitter * eye)
+    eps = standard_draws(num_draws, size, cov.dtype, cov.device)                 # [K, O]
+    return torch.einsum("...oq,kq->k...o", chol, eps)
+
+
+def psd_factor(hess: Tensor) -> Tensor:
+    r"""``R`` with :math:`R R^\top` the projection of the symmetric ``hess [..., O, O]`` onto the PSD cone (eigenvalues
+    clipped at zero, then floored at ``1e-12``); one number per point (``O = 1``) is its square root. The
+    eigendecomposition runs in double precision: a saturated softmax's Hessian has subnormal single-precision
+    entries, on which single precision's ``eigh`` returns NaN (measured on Omniglot)."""
+    if hess.shape[-1] == 1:
+        return hess.clamp(min=1e-12).sqrt()
+    values, vectors = torch.linalg.eigh(hess.double())  # single precision's eigh returns NaN on subnormal entries
+    return (vectors * values.clamp(min=1e-12).sqrt().unsqueeze(-2)).to(hess.dtype)
 
 
 def _positive(name: str, value: float) -> float:
@@ -119,6 +215,8 @@ class GaussianLikelihood(Likelihood):
     K while the KL to the prior does not. ``point_loss`` is the mean squared error, the loss the paper's baselines
     use (appendix C.4.1).
     """
+
+    quadratic = True
 
     def __init__(self, noise_scale: float = 0.1, learn_scale: bool = False):
         super().__init__()
@@ -207,6 +305,10 @@ class CategoricalLikelihood(Likelihood):
     def distribution(self, pred: Tensor) -> dist.TorchDistribution:
         return dist.Categorical(logits=self._logits(pred), validate_args=False).to_event(1)
 
+    def probs(self, pred: Tensor) -> Tensor:
+        """Class probabilities ``softmax(pred / T)`` of the outputs ``pred [..., classes]``."""
+        return torch.softmax(self._logits(pred), dim=-1)
+
     def sample(self, pred: Tensor, generator: torch.Generator | None = None) -> Tensor:
         probs = torch.softmax(self._logits(pred), dim=-1)
         flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
@@ -224,12 +326,6 @@ class CategoricalLikelihood(Likelihood):
         grad = (prob - F.one_hot(y, pred.shape[-1]).to(prob.dtype)) / temperature
         root = prob.sqrt()
         return grad, (torch.diag_embed(root) - prob.unsqueeze(-1) * root.unsqueeze(-2)) / temperature
-
-    def expected_log_prob(self, mean: Tensor, cov: Tensor, y: Tensor) -> Tensor:
-        """Second order, with the softmax Hessian at ``mean / T`` differentiable in ``T``."""
-        prob = torch.softmax(self._logits(mean), dim=-1)
-        hess = (torch.diag_embed(prob) - prob.unsqueeze(-1) * prob.unsqueeze(-2)) / self.log_temperature.exp().to(mean) ** 2
-        return self.log_prob(mean, y) - 0.5 * (hess * cov).sum((-1, -2)).sum(-1)
 
     def check_targets(self, y: Tensor, x: Tensor) -> None:
         super().check_targets(y, x)

@@ -24,8 +24,10 @@ the adapted :class:`~hbmeta.models.posterior.Posterior` carries it in ``latents[
 
 **What hbmeta does with it.** ``log_prob(pred, y)`` is the traced program's log-density of ``"obs"`` (and of any other
 observed site), so the torch fast path of the inner ELBO, :math:`\mathrm{KL}(q \| p) - E_q \log p(D \mid \theta)`, is
-the same number Pyro's ``TraceMeanField_ELBO`` computes from the model (tested equal); GEM-BML, GEM-BML+ and ABML
-meta-train through it with the SVI inner update (it has no Gauss-Newton curvature), and ``predict`` draws
+the same number Pyro's ``TraceMeanField_ELBO`` computes from the model (tested equal); its gradient and Hessian in
+``pred`` by autograd (:meth:`Likelihood.curvature <hbmeta.models.likelihoods.Likelihood.curvature>`) give GEM-BML and
+GEM-BML+ the Gauss-Newton inner update (their default, as for the built-in likelihoods; ABML unrolls SVI), and
+``predict`` draws
 observations by running the program with ``y=None``. A program with latents has no ``log p(y | pred)`` without their
 values: the inner update runs it through Pyro's ELBO, and :meth:`PyroLikelihood.condition` fixes the latents at
 posterior draws (``MetaLearner.predict`` does, so ``PosteriorPredictive.likelihood`` scores ``y`` given both).
@@ -64,6 +66,7 @@ class PyroLikelihood(Likelihood):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "pyro likelihood")
         self.conditioned: tuple[str, ...] = ()
+        self._per_task: tuple[Callable, dict[str, Tensor]] | None = None  # (program, {site: [T, *event]})
 
     def condition(self, values: dict[str, Tensor]) -> "PyroLikelihood":
         """This likelihood with the latent sites in ``values`` fixed (each ``[*S, T, *event]``, broadcasting against
@@ -73,6 +76,27 @@ class PyroLikelihood(Likelihood):
         conditioned = PyroLikelihood(poutine.condition(self.fn, data=values), self.name)
         conditioned.conditioned = self.conditioned + tuple(values)
         return conditioned
+
+    def condition_tasks(self, values: dict[str, Tensor]) -> "PyroLikelihood":
+        """:meth:`condition` on one value per task, ``values[name] [T, *event]``, remembering them by task so that
+        :meth:`select` and :meth:`tiled` follow subsets and stacks of the batch's tasks (the Gauss-Newton inner update
+        with per-task latents fixes them at their posterior medians this way)."""
+        conditioned = self.condition(values)
+        conditioned._per_task = (self.fn, values)
+        return conditioned
+
+    def select(self, index: Tensor | slice) -> "PyroLikelihood":
+        if self._per_task is None:
+            return self
+        fn, values = self._per_task
+        return PyroLikelihood(fn, self.name).condition_tasks({n: v[index] for n, v in values.items()})
+
+    def tiled(self, times: int) -> "PyroLikelihood":
+        if self._per_task is None or times == 1:
+            return self
+        fn, values = self._per_task
+        return PyroLikelihood(fn, self.name).condition_tasks(
+            {n: v.repeat(times, *[1] * (v.dim() - 1)) for n, v in values.items()})
 
     def _trace(self, pred: Tensor, y: Tensor | None):
         with pyro.validation_enabled(False):

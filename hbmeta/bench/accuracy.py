@@ -9,7 +9,7 @@ Omniglot 60000 x 32 / x 16 as in MAML's code), for a GPU; ``gpu`` is what one sh
 Omniglot meta-trains with 5 query images per class (the CPU budget) and is evaluated with 15 (the paper's).
 Every ``(benchmark, algorithm, seed)`` is an ordinary run folder, ``OUT/runs/<benchmark>/<algorithm>/seed<k>``
 (``config.json``, ``metrics.jsonl``, a checkpoint every ``checkpoint_every`` iterations), and its own result,
-``result.json``: the meta-test metric after 0/1/5/10 adaptation steps on the *same* held-out tasks for every
+``result.json``: the meta-test metric after 0, 1, ..., 10 adaptation steps on the *same* held-out tasks for every
 algorithm and seed (100 sinusoid tasks with 100 query points each; 600 Omniglot tasks), ECE/MCE for
 classification, the training seconds. A finished run is reused, an interrupted one resumes from its checkpoint,
 and the table is assembled from whatever results exist, so the grid can be built over several sittings and
@@ -17,7 +17,9 @@ slices (``--benchmarks``, ``--algos``, ``--seeds``) can run side by side in sepa
 
 Each algorithm runs at its own defaults (``hbmeta train``'s: one set per family, nothing tuned per benchmark).
 The table gives, per benchmark and algorithm, the mean over seeds and the 95% t-interval over seeds
-(:func:`seed_interval`); ``result.json`` also keeps each seed's interval over tasks.
+(:func:`seed_interval`) after 0, 1, 5 and 10 steps, and the largest loss between consecutive steps
+(:func:`largest_step_loss`: more adaptation should never hurt); ``result.json`` also keeps each seed's interval over
+tasks.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from hbmeta.experiments import TrainConfig, resolve_config
 from hbmeta.training.runtime import torch_threads
 
 __all__ = ["BENCHMARKS", "BUDGETS", "ALGORITHMS", "AccuracyBenchConfig", "run_accuracy_benchmark", "seed_interval",
-           "summarize", "format_accuracy_table", "write_accuracy_benchmark"]
+           "summarize", "format_accuracy_table", "write_accuracy_benchmark", "largest_step_loss"]
 
 #: benchmark name -> (experiment, fixed run settings)
 BENCHMARKS: dict[str, tuple[str, dict]] = {
@@ -57,7 +59,9 @@ BUDGETS: dict[str, dict[str, tuple[int, int]]] = {
     "smoke": {"sinusoid": (3, 4), "sinusoid-challenging": (3, 4), "omniglot-5w1s": (2, 2), "omniglot-5w5s": (2, 2)},
 }
 ALGORITHMS = ("gem-bml+", "gem-bml", "ibaml", "maml", "fomaml", "reptile")
-STEPS = (0, 1, 5, 10)
+#: adaptation steps evaluated (every one, so that a drop between consecutive steps shows); the table shows TABLE_STEPS
+STEPS = tuple(range(11))
+TABLE_STEPS = ("0", "1", "5", "10")
 #: held-out tasks per benchmark (the same for every run): 100 sinusoids, 600 Omniglot tasks
 TEST_TASKS = {"mse": 100, "accuracy": 600}
 TEST_SEED = 12345
@@ -220,9 +224,25 @@ def summarize(results: list[dict], budget: str | None = None) -> dict:
                 for extra in ("ece", "mce"):
                     cell[extra] = seed_interval([r["evaluation"][step][extra] for r in runs])
             row["steps"][step] = cell
+        losses = [largest_step_loss({s: v[key] for s, v in r["evaluation"].items()}, metric) for r in runs]
+        if all(loss is not None for loss in losses):
+            row["largest_step_loss"] = seed_interval([loss[1] for loss in losses])
         rows.append(row)
     return {"budget": budget, "rows": rows, "env": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                                                      "cpus": os.cpu_count()}}
+
+
+def largest_step_loss(curve: dict[str, float], metric: str) -> tuple[int, float] | None:
+    """``(k, loss)``: the consecutive steps ``k -> k + 1`` where the metric got worse by the most (accuracy falls, MSE
+    rises; ``loss <= 0`` if it never got worse), over the steps in ``curve`` (``{"0": value, "1": ...}``) that follow
+    each other; ``None`` without two such steps."""
+    steps = sorted(int(s) for s in curve)
+    pairs = [(k, curve[str(k)] - curve[str(k + 1)]) for k in steps if k + 1 in steps]
+    if not pairs:
+        return None
+    if metric == "mse":
+        pairs = [(k, -loss) for k, loss in pairs]
+    return max(pairs, key=lambda pair: pair[1])
 
 
 def _algo_order(name: str) -> int:
@@ -237,16 +257,20 @@ def _cell(value: tuple[float, float], percent: bool = False, digits: int = 3) ->
 
 
 def format_accuracy_table(summary: dict) -> str:
-    """Markdown: one table per benchmark, algorithms as rows, the metric after 0/1/5/10 steps as columns."""
+    """Markdown: one table per benchmark, algorithms as rows, the metric after 0/1/5/10 steps as columns, then the
+    largest loss between consecutive steps (where every step was evaluated)."""
     out = []
     for benchmark in dict.fromkeys(r["benchmark"] for r in summary["rows"]):
         rows = [r for r in summary["rows"] if r["benchmark"] == benchmark]
-        steps = list(rows[0]["steps"])
+        steps = [s for s in rows[0]["steps"] if s in TABLE_STEPS] or list(rows[0]["steps"])
         classification = rows[0]["metric"] == "accuracy"
         name = "accuracy %" if classification else "MSE"
         head = "| algorithm | seeds | " + " | ".join(f"{name} after {s}" for s in steps)
         shown = [s for s in dict.fromkeys(("1", steps[-1])) if s in steps] if classification else []
         head += "".join(f" | ECE / MCE after {s}" for s in shown) + " |"
+        monotone = all("largest_step_loss" in r for r in rows)
+        if monotone:
+            head += f" largest loss k→k+1{' (points)' if classification else ''} |"
         head += " train s |"
         out += [f"**{benchmark}** ({rows[0]['iterations']} meta-iterations x {rows[0]['meta_batch']} tasks; "
                 f"mean ± 95% interval over seeds)", "", head, "|---" * (head.count("|") - 1) + "|"]
@@ -255,6 +279,8 @@ def format_accuracy_table(summary: dict) -> str:
             cells = [_cell(r["steps"][s][key], percent=classification) for s in steps]
             for s in shown:  # after 1 step (what the Bayesian classification default adapts with) and after the last
                 cells.append(f"{_cell(r['steps'][s]['ece'], digits=3)} / {_cell(r['steps'][s]['mce'], digits=3)}")
+            if monotone:
+                cells.append(_cell(r["largest_step_loss"], percent=classification))
             cells.append(f"{r['train_seconds'][0]:.0f}")
             out.append(f"| {r['algorithm']} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
         out.append("")

@@ -71,6 +71,10 @@ def _add_train(sub) -> None:
     p.add_argument("--inner-method", default=None, choices=["gauss-newton", "svi"],
                    help="Bayesian inner update; default gauss-newton for gem-bml(+) with the diagonal prior")
     p.add_argument("--guide", default=d.model.guide, help="meanfield, delta, fullcov or lowrank")
+    p.add_argument("--hide", default=None,
+                   help="parameters kept out of the prior and meta-learned as shared point estimates (gem-bml, "
+                        "gem-bml+, ibaml): comma-separated submodule or parameter names, or 'none'; default: the "
+                        "experiment's ('features', conv4's body, on the image benchmarks for those algorithms)")
     p.add_argument("--prior", default=d.model.prior, choices=list(PRIORS),
                    help="prior over the weights (docs/priors-and-guides.md)")
     p.add_argument("--prior-components", type=int, default=d.model.prior_components,

@@ -49,6 +49,7 @@ from hbmeta.evaluation.plots import save_figure  # noqa: E402
 from hbmeta.evaluation.stats import mean_ci95  # noqa: E402
 from hbmeta.inference.learner import MetaLearner  # noqa: E402
 from hbmeta.models.posterior import Posterior  # noqa: E402
+from hbmeta.models.likelihoods import EXPECTATION_DRAWS, gaussian_draws  # noqa: E402
 
 __all__ = ["predictive_probabilities", "calibration_errors", "reliability_diagram", "accuracy_ci95", "NUM_BINS",
            "gaussian_mixture_pit", "pit_uniformity", "ks_uniform"]
@@ -62,17 +63,23 @@ def predictive_probabilities(learner: MetaLearner, posterior: Posterior, x: Tens
                              generator: torch.Generator | None = None) -> Tensor:
     """Class probabilities of the posterior predictive, ``[T, N, classes]``.
 
-    The Monte-Carlo average of ``softmax(f(x; theta_s))`` over ``num_samples`` guide samples (Bayesian model
-    averaging, not the softmax of averaged logits); a point-mass posterior (MAML, Reptile, a Delta guide)
-    gives the softmax of its one prediction.
+    The Monte-Carlo average of ``softmax(f(x; theta_s) / T)`` over ``num_samples`` guide samples (Bayesian model
+    averaging, not the softmax of averaged logits); where the predictive is Gaussian in function space (the
+    linearised one after Gauss-Newton VI) the average over :data:`~hbmeta.models.likelihoods.EXPECTATION_DRAWS` fixed
+    quasi-Monte-Carlo draws of it instead (deterministic, and cheap: no network passes). A point-mass posterior
+    (MAML, Reptile, a Delta guide) gives the softmax of its one prediction.
 
     Args:
         learner: a meta-learner whose network outputs class logits.
         posterior: the tasks' posteriors, from ``learner.adapt``.
         x: ``[T, N, *in]`` query inputs.
     """
-    samples = learner.predict(posterior, x, num_samples, generator).samples  # [S, T, N, C]
-    return torch.softmax(samples, dim=-1).mean(0)
+    pred = learner.predict(posterior, x, num_samples, generator)
+    probs = getattr(learner.likelihood, "probs", lambda f: torch.softmax(f, dim=-1))
+    if pred.cov is not None:  # Gaussian in function space: a deterministic quasi-Monte-Carlo average
+        draws = pred.mean.unsqueeze(0) + gaussian_draws(pred.cov, EXPECTATION_DRAWS).reshape(-1, *pred.mean.shape)
+        return probs(draws).mean(0)
+    return probs(pred.samples).mean(0)                                 # [S, T, N, C] -> [T, N, C]
 
 
 def _check_probs_labels(probs: Tensor, labels: Tensor, num_bins: int) -> None:

@@ -141,6 +141,17 @@ class ModelSettings:
     guide: str = "meanfield"
     noise_scale: float | None = None  # regression likelihood noise sd; None: the inner update's default
     learn_likelihood: bool = False  # meta-learn the noise sd / softmax temperature by GEM (gem-bml, gem-bml+)
+    hide: str | None = None  # kept out of the prior, shared point estimates: "none" or comma-separated submodule /
+    # parameter names ("features": conv4's body); None: the experiment's default (hide_names() reads it)
+
+    def hide_names(self) -> tuple[str, ...]:
+        """``hide`` as ``MetaLearner(hide=...)`` takes it: a tuple of names, empty for ``"none"`` (or unset)."""
+        if self.hide is None or self.hide.strip().lower() == "none":
+            return ()
+        names = tuple(n.strip() for n in self.hide.split(",") if n.strip())
+        if not names:
+            raise ValueError(f"hide={self.hide!r} names nothing; give 'none' or comma-separated parameter names")
+        return names
 
     @property
     def prior_scale_ceiling(self) -> float | None:
@@ -247,6 +258,8 @@ class TrainConfig:
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a name (a string); got {getattr(self, name)!r}")
         get_algorithm(self.algorithm)  # a clear error for an unknown (or unregistered) name
+        if self.model.hide is not None and not isinstance(self.model.hide, str):
+            raise ValueError(f"hide must be 'none' or comma-separated parameter names (a string); got {self.model.hide!r}")
         if self.model.prior not in PRIORS:
             raise ValueError(f"unknown prior {self.model.prior!r}; choose one of {', '.join(PRIORS)}")
         for name, value in self.to_flat().items():

@@ -32,6 +32,7 @@ from hbmeta.experiments.config import TrainConfig
 from hbmeta.experiments.registry import get_experiment
 from hbmeta.experiments.resolve import resolve_config
 from hbmeta.inference.learner import MetaLearner
+from hbmeta.models.functional import BatchedNet
 from hbmeta.models.prior_factory import make_prior
 from hbmeta.training.runtime import resolve_device
 
@@ -158,14 +159,15 @@ def build_learner(config: TrainConfig, device: torch.device | None = None) -> Me
         torch.manual_seed(config.seed)
         net = experiment.make_net(config)
     net.to(device)
+    batched = BatchedNet(net, hide=config.model.hide_names())  # the prior covers what is not hidden
     prior = None  # "diagonal": MetaLearner's default prior (and BMAML's particles)
     if config.model.prior != "diagonal":
-        prior = make_prior(config.model.prior, net, config.model.prior_scale, config.model.prior_components,
+        prior = make_prior(config.model.prior, batched, config.model.prior_scale, config.model.prior_components,
                            config.model.prior_scale_ceiling, seed=config.seed)
-    return MetaLearner(net, experiment.make_likelihood(config), algorithm=config.algorithm, guide=config.model.guide,
-                       inner=config.inner_config(), meta_lr=config.meta_lr, gem_plus_mode=config.inner.gem_plus_mode,
-                       prior_scale=config.model.prior_scale, max_prior_scale=config.model.prior_scale_ceiling,
-                       prior=prior)
+    return MetaLearner(batched, experiment.make_likelihood(config), algorithm=config.algorithm,
+                       guide=config.model.guide, inner=config.inner_config(), meta_lr=config.meta_lr,
+                       gem_plus_mode=config.inner.gem_plus_mode, prior_scale=config.model.prior_scale,
+                       max_prior_scale=config.model.prior_scale_ceiling, prior=prior)
 
 
 def load_learner(run_dir: str | Path, device: str = "auto") -> tuple[MetaLearner, TrainConfig, int]:

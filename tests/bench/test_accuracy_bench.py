@@ -9,6 +9,7 @@ from hbmeta.bench.accuracy import (
     AccuracyBenchConfig,
     collect_results,
     format_accuracy_table,
+    largest_step_loss,
     run_accuracy_benchmark,
     run_dir,
     run_one,
@@ -30,18 +31,29 @@ def test_seed_interval_is_the_t_interval_over_seeds():
     assert math.isnan(seed_interval([5.0])[1])
 
 
+def test_largest_step_loss_is_the_worst_drop_between_consecutive_steps():
+    assert largest_step_loss({"0": 0.2, "1": 0.9, "2": 0.85, "3": 0.86, "5": 0.1}, "accuracy") == (1, pytest.approx(0.05))
+    assert largest_step_loss({"0": 5.0, "1": 1.0, "2": 1.3}, "mse") == (1, pytest.approx(0.3))
+    assert largest_step_loss({"0": 5.0, "1": 1.0, "2": 0.9}, "mse")[1] < 0  # never got worse
+    assert largest_step_loss({"0": 0.2, "5": 0.9}, "accuracy") is None  # no consecutive steps
+
+
 def test_grid_writes_one_result_per_run_on_the_same_tasks_and_a_table(tmp_path):
     summary = run_accuracy_benchmark(small(tmp_path))
     results = collect_results(tmp_path)
     assert {(r["algorithm"], r["seed"]) for r in results} == {(a, s) for a in ("gem-bml+", "maml") for s in (0, 1)}
     for r in results:
-        assert r["test_tasks"] == 5 and r["test_seed"] == 12345 and list(r["evaluation"]) == ["0", "1", "5", "10"]
+        assert r["test_tasks"] == 5 and r["test_seed"] == 12345 and list(r["evaluation"]) == [str(k) for k in range(11)]
         assert r["config"]["iterations"] == 3 and r["train_seconds"] > 0
     # the 0-step error is the prior mean's on the held-out tasks: the same tasks for every run of a seed's net
     row = {r["algorithm"]: r for r in summary["rows"]}
-    assert row["maml"]["seeds"] == [0, 1] and set(row["maml"]["steps"]) == {"0", "1", "5", "10"}
+    assert row["maml"]["seeds"] == [0, 1] and set(row["maml"]["steps"]) == {str(k) for k in range(11)}
+    worst = [largest_step_loss({k: v["mse"] for k, v in r["evaluation"].items()}, "mse")[1]
+             for r in results if r["algorithm"] == "maml"]
+    assert row["maml"]["largest_step_loss"] == pytest.approx(seed_interval(worst), nan_ok=True)
     table = format_accuracy_table(summary)
     assert "**sinusoid**" in table and "| gem-bml+ | 2 |" in table and "| maml | 2 |" in table
+    assert "MSE after 10 | largest loss k→k+1 | train s |" in table and "MSE after 2 " not in table
     paths = write_accuracy_benchmark(summary, tmp_path)
     assert json.loads(paths["json"].read_text())["rows"] and paths["png"].read_bytes()[:4] == b"\x89PNG"
 

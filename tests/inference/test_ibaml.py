@@ -14,7 +14,7 @@ from torch import nn
 from hbmeta.inference import InnerConfig, MetaLearner, TaskBatch
 from hbmeta.inference.ibaml import ibaml_gradient, vi_implicit_gradient
 from hbmeta.inference.inner import diagonal_kl
-from hbmeta.models import DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel, MeanFieldGuide, mlp
+from hbmeta.models import BatchedNet, DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel, MeanFieldGuide, mlp
 from hbmeta.tasks import SinusoidTasks
 
 NOISE = 0.5
@@ -117,3 +117,23 @@ def test_ibaml_refuses_what_it_cannot_differentiate():
         MetaLearner(mlp(), algorithm="ibaml", prior="laplace")
     with pytest.raises(ValueError, match="mean-field guide"):
         MetaLearner(mlp(), algorithm="ibaml", guide="delta")
+
+
+def test_ibamls_gradient_of_a_hidden_output_offset_is_the_exact_one():
+    """``y = x^T w + b + noise`` with ``b`` hidden (shared, a point estimate): iBaML's ``d query NLL / d b`` - the direct
+    term plus the implicit one through the support posterior's mean - equals autograd through the closed-form
+    mean-field optimum, whose mean depends on ``b`` through the support residuals ``y - b``."""
+    x, y, xq, yq = _data()
+    net = nn.Linear(P, 1).double()
+    batched = BatchedNet(net, hide=["bias"])
+    mu = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    log_sigma = torch.tensor([0.0, -0.5, 0.4], dtype=torch.float64)
+    model = HierarchicalModel(batched, DiagonalGaussianPrior(mu, log_sigma), GaussianLikelihood(NOISE))
+    config = InnerConfig(method="gauss-newton", solver="woodbury", steps=3, cg_steps=4 * P, tolerance=0)
+    grads, _ = ibaml_gradient(model, MeanFieldGuide(), TaskBatch(x, y, xq, yq), config, damping=0.0)
+    b = net.bias.detach().clone().requires_grad_()
+    m, _ = _meanfield_optimum(mu, log_sigma, x, y - b)
+    query = _expected_nll(m, torch.full_like(m, -math.inf), xq, yq - b).mean()
+    (expected,) = torch.autograd.grad(query, b)
+    torch.testing.assert_close(grads["net.bias"], expected, rtol=1e-6, atol=1e-10)
+    assert set(grads) == {"mu", "log_sigma", "net.bias"}

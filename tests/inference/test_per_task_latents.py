@@ -192,9 +192,9 @@ def test_refusals_name_the_reason():
         shared.latent_sites(batch.x_train, batch.y_train)
     model = HierarchicalModel(net, DiagonalGaussianPrior(torch.zeros(net.num_params)), PyroLikelihood(noisy))
     start = model.initial_posterior(batch.x_train, batch.y_train)
-    with pytest.raises(ValueError, match="Gauss-Newton"):
-        fit_posterior(model, MeanFieldGuide(), batch.x_train, batch.y_train, start,
-                      config=InnerConfig(method="gauss-newton"))
+    post = fit_posterior(model, MeanFieldGuide(), batch.x_train, batch.y_train, start,  # fitted, not refused
+                         config=InnerConfig(method="gauss-newton", steps=2), generator=gen)
+    assert set(post.latents) == {"s"} and (post.latents["s"].scale > 0).all()
     with pytest.raises(ValueError, match="AutoDiagonalNormal flattens"):
         fit_posterior(model, AutoGuidePerTask(AutoDiagonalNormal), batch.x_train, batch.y_train, start)
     with pytest.raises(ValueError, match="point-estimate baselines cannot"):
@@ -217,3 +217,18 @@ def test_a_posterior_as_the_latents_prior_keeps_their_support():
     q2 = fit_posterior(model, AutoGuidePerTask(AutoNormal), batch.x_val, batch.y_val, q1, prior=q1.distribution(),
                        config=InnerConfig(steps=5, latent_lr=0.05), sequential=True)
     assert (q2.latents["s"].loc - 3.0).abs().max() < 0.3  # fitted (a real support gave negative scales: an error)
+
+
+def test_gauss_newton_with_a_latent_offset_reaches_the_exact_meanfield_optimum(float64):
+    """Coordinate ascent - Adam on q(b) with the weights at their mean, a Gauss-Newton VI step on w with b at its median -
+    on ``y = w x + b_tau + noise``: the mean-field optimum's means to the Adam noise of q(b), and w's variance exactly
+    (it does not depend on b)."""
+    model = linear_offset_model()
+    x, y = linear_offset_data()
+    post = fit_posterior(model, MeanFieldGuide(), x, y, model.initial_posterior(x, y),
+                         config=InnerConfig(method="gauss-newton", steps=30, num_samples=8, latent_lr=0.05),
+                         generator=torch.Generator().manual_seed(0))
+    mean, sd = exact_meanfield_optimum(x, y)
+    assert (post.loc[:, 0] - mean[:, 0]).abs().max() < 0.05 and (post.latents["b"].loc[:, 0] - mean[:, 1]).abs().max() < 0.06
+    torch.testing.assert_close(post.scale[:, 0], sd[:, 0], rtol=1e-6, atol=1e-9)
+    assert (post.latents["b"].scale[:, 0] - sd[:, 1]).abs().max() < 0.03

@@ -46,7 +46,7 @@ def test_fast_path_elbo_equals_pyros_traced_elbo_for_a_pyro_likelihood(float64):
 def test_gem_and_abml_meta_train_a_pyro_likelihood(algorithm, fn, out):
     learner = MetaLearner(mlp(1, (16,), out), PyroLikelihood(fn), algorithm=algorithm,
                           inner=InnerConfig(method="svi", steps=2, lr=0.3, optimizer="sgd", num_samples=2))
-    assert learner.inner.method == "svi"  # no Gauss-Newton curvature for a program
+    assert learner.inner.method == "svi"  # as asked (the default would be Gauss-Newton, by autograd's curvature)
     tasks, gen = SinusoidTasks(), torch.Generator().manual_seed(0)
     before = learner.prior.loc.clone()
     info = [learner.meta_step(tasks.sample(4, gen), gen) for _ in range(2)][-1]
@@ -56,8 +56,46 @@ def test_gem_and_abml_meta_train_a_pyro_likelihood(algorithm, fn, out):
     assert pred.observed.shape == (16, 2, 10, 1)  # observations through the program, one output each
 
 
-def test_default_learner_picks_svi_for_a_program_likelihood():
-    assert MetaLearner(mlp(), PyroLikelihood(student_t)).inner.method == "svi"
+def test_default_learner_picks_gauss_newton_for_a_program_likelihood():
+    assert MetaLearner(mlp(), PyroLikelihood(student_t)).inner.method == "gauss-newton"
+
+
+def normal_program(pred, y):
+    pyro.sample("obs", dist.Normal(pred, 0.3).to_event(2), obs=y)
+
+
+@pytest.mark.parametrize("curvature", ["mean", "expected"])
+def test_gauss_newton_through_a_program_equals_the_built_in_gaussian(float64, curvature):
+    """A Pyro program that is a Gaussian likelihood gets, by autograd, the curvature the built-in one has in closed
+    form, so the Gauss-Newton inner update gives the same posteriors (means, variances, the linearised covariance)."""
+    from hbmeta.inference.inner import fit_posterior
+    from hbmeta.models import GaussianLikelihood
+
+    net = BatchedNet(mlp(1, (8,), 1).double())
+    prior = DiagonalGaussianPrior(net.initial_vector(), torch.tensor(0.3).log())
+    batch = SinusoidTasks().sample(3, torch.Generator().manual_seed(0))
+    x, y = batch.x_train.double(), batch.y_train.double()
+    config = InnerConfig(method="gauss-newton", steps=3, curvature=curvature, tolerance=0)
+    posts = [fit_posterior(HierarchicalModel(net, prior, likelihood), MeanFieldGuide(), x, y,
+                           HierarchicalModel(net, prior, likelihood).initial_posterior(x, y), config=config, laplace=True)
+             for likelihood in (PyroLikelihood(normal_program), GaussianLikelihood(0.3))]
+    for name in ("loc", "scale", "laplace_factor"):
+        torch.testing.assert_close(getattr(posts[0], name), getattr(posts[1], name), rtol=1e-8, atol=1e-10)
+
+
+def test_a_student_t_programs_curvature_is_its_hessian_clipped_at_zero(float64):
+    """``-log StudentT(nu, f, s)`` has gradient ``-(nu + 1) r / (nu s^2 + r^2)`` and second derivative
+    ``(nu + 1)(nu s^2 - r^2) / (nu s^2 + r^2)^2`` in ``f`` (``r = y - f``): negative in the tails, where the Gauss-Newton
+    factor is clipped at zero (a floor of 1e-12)."""
+    nu, s = 3.0, 0.3
+    pred = torch.linspace(-2, 2, 12, dtype=torch.float64).reshape(2, 6, 1)
+    y = torch.zeros(2, 6, 1, dtype=torch.float64)
+    grad, factor = PyroLikelihood(student_t).curvature(pred, y)
+    r = y - pred
+    torch.testing.assert_close(grad, -(nu + 1) * r / (nu * s**2 + r**2))
+    hess = (nu + 1) * (nu * s**2 - r**2) / (nu * s**2 + r**2) ** 2
+    torch.testing.assert_close(factor.square().reshape(hess.shape), hess.clamp(min=1e-12))
+    assert (hess < 0).any() and (hess > 0).any()  # both regimes are exercised
 
 
 def test_unconditioned_latents_and_missing_obs_are_refused_with_the_reason():

@@ -155,9 +155,14 @@ def test_paper_split_is_1200_train_and_423_test_characters_disjoint_and_seeded(o
 
 
 @needs_omniglot
-def test_paper_split_has_no_validation_part(omniglot):
-    with pytest.raises(ValueError, match="paper split .* has only parts 'train'.*'test'.*got part='val'"):
-        omniglot_classes(*omniglot, "paper", "val")
+def test_paper_splits_validation_part_is_held_out_of_subtrain_and_inside_train(omniglot):
+    parts = {p: set(omniglot_classes(*omniglot, "paper", p, dtype=torch.uint8).characters.tolist())
+             for p in ("train", "test", "subtrain", "val")}
+    assert (len(parts["subtrain"]), len(parts["val"])) == (1100, 100)
+    assert parts["subtrain"] | parts["val"] == parts["train"] and not parts["subtrain"] & parts["val"]
+    assert not parts["val"] & parts["test"]
+    with pytest.raises(ValueError, match="paper split .* has parts 'train'.*'test'.*'subtrain' and 'val'.*got part='dev'"):
+        omniglot_classes(*omniglot, "paper", "dev")
 
 
 @needs_omniglot

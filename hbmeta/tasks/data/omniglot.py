@@ -38,6 +38,10 @@ __all__ = ["NUM_CHARACTERS", "NUM_DRAWERS", "OmniglotSplit", "load_omniglot", "l
 NUM_CHARACTERS = 1623
 NUM_DRAWERS = 20
 PAPER_NUM_TRAIN = 1200
+#: the paper split's validation characters: the last of its training characters (part ``"val"``), held out of
+#: part ``"subtrain"`` (the rest of them) when settings are chosen; ``"train"`` and ``"test"`` are the paper's
+PAPER_NUM_VAL = 100
+PAPER_PARTS = ("train", "test", "subtrain", "val")
 _NPZ = ("images_background.npz", "images_evaluation.npz")
 _PNG_NAME = re.compile(r"^(\d+)_(\d+)$")
 
@@ -177,13 +181,16 @@ class OmniglotSplit:
 
 
 def _paper_characters(num_chars: int, part: str, seed: int) -> tuple[Tensor, Tensor]:
-    if part not in ("train", "test"):
-        raise ValueError(f"the paper split (GEM-BML appendix C.4.2) has only parts 'train' ({PAPER_NUM_TRAIN} characters) "
-                         f"and 'test' (the rest); got part={part!r}. Use split='vinyals' for a validation part.")
+    if part not in PAPER_PARTS:
+        raise ValueError(f"the paper split (GEM-BML appendix C.4.2) has parts 'train' ({PAPER_NUM_TRAIN} characters) "
+                         f"and 'test' (the rest), and for choosing settings 'subtrain' and 'val' (the first "
+                         f"{PAPER_NUM_TRAIN - PAPER_NUM_VAL} and the last {PAPER_NUM_VAL} of 'train'); got part={part!r}")
     if num_chars <= PAPER_NUM_TRAIN:
         raise ValueError(f"the paper split needs more than {PAPER_NUM_TRAIN} characters; got {num_chars}")
     perm = torch.randperm(num_chars, generator=torch.Generator().manual_seed(seed))
-    chosen = perm[:PAPER_NUM_TRAIN] if part == "train" else perm[PAPER_NUM_TRAIN:]
+    bounds = {"train": (0, PAPER_NUM_TRAIN), "test": (PAPER_NUM_TRAIN, num_chars),
+              "subtrain": (0, PAPER_NUM_TRAIN - PAPER_NUM_VAL), "val": (PAPER_NUM_TRAIN - PAPER_NUM_VAL, PAPER_NUM_TRAIN)}
+    chosen = perm[slice(*bounds[part])]
     return chosen.sort().values.repeat_interleave(4), torch.arange(4).repeat(chosen.numel()) * 90
 
 
@@ -206,12 +213,13 @@ def _vinyals_characters(names: list[str], part: str, root: str | Path | None) ->
 
 def omniglot_classes(images: Tensor, names: list[str], split: str = "paper", part: str = "train", seed: int = 0,
                      root: str | Path | None = None, dtype: torch.dtype = torch.float32) -> OmniglotSplit:
-    """The rotated classes of ``part`` (``"train"``, ``"test"``; Vinyals also ``"val"``, ``"trainval"``).
+    """The rotated classes of ``part`` (``"train"``, ``"test"``; the paper split also ``"subtrain"`` and ``"val"``, a
+    split of ``"train"`` for choosing settings; Vinyals also ``"val"``, ``"trainval"``).
 
     Args:
         images: ``[num_chars, 20, H, W]`` uint8 from :func:`load_omniglot`; ``names`` its character names.
-        split: ``"paper"`` (seeded random 1200/423 characters, irrespective of the alphabet, [1]; it has no
-            ``"val"`` part and asking for one is a ``ValueError``) or ``"vinyals"`` (1028/172/423, [2]).
+        split: ``"paper"`` (seeded random 1200/423 characters, irrespective of the alphabet, [1]; its ``"val"`` is the
+            last :data:`PAPER_NUM_VAL` of the 1200, held out of ``"subtrain"``) or ``"vinyals"`` (1028/172/423, [2]).
         seed: seeds the paper split's permutation of the characters (same seed, same split for every part).
         root: where the Vinyals split files are (``<root>/omniglot/splits/vinyals``).
         dtype: ``torch.float32`` gives values in [0, 1]; ``torch.uint8`` keeps 0..255 (a quarter of the memory).
