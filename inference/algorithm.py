@@ -62,6 +62,7 @@ class LearnerState(Protocol):
     inner: InnerConfig
     closed_form: bool
     gem_plus_mode: str
+    hidden_gradient: str           # how GEM-BML+ learns hidden (shared) weights
     prior_scale: float
     max_prior_scale: float | None
 

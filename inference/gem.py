@@ -22,6 +22,7 @@ from torch import Tensor
 
 from hbmeta.inference.algorithm import LearnerState, PosteriorAlgorithm, register_algorithm
 from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.implicit import LIKELIHOOD_PREFIX, SHARED_PREFIX, implicit_shared_gradient
 from hbmeta.inference.inner import CommonNoise, InnerConfig, NoiseFn, fit_posterior, standard_normal
 from hbmeta.models.guides import Guide
 from hbmeta.models.hierarchical import HierarchicalModel
@@ -29,16 +30,14 @@ from hbmeta.models.posterior import Posterior
 from hbmeta.models.priors import Prior
 
 __all__ = ["gem_gradient", "mc_gem_gradient", "gem_bml_gradient", "gem_plus_gradient", "gem_plus_posteriors",
-           "likelihood_gem_gradient", "shared_gem_gradient", "GEM_PLUS_MODES", "LIKELIHOOD_PREFIX", "SHARED_PREFIX", "GEMAlgorithm", "GEMBML", "GEMBMLPlus",
+           "likelihood_gem_gradient", "shared_gem_gradient", "GEM_PLUS_MODES", "HIDDEN_GRADIENTS", "LIKELIHOOD_PREFIX", "SHARED_PREFIX", "GEMAlgorithm", "GEMBML", "GEMBMLPlus",
            "GEM_BML", "GEM_BML_PLUS"]
 
-#: per-task gradients of the likelihood's own parameters are keyed ``"likelihood.<name>"``
-LIKELIHOOD_PREFIX = "likelihood."
-#: key prefix of the network's hidden (shared, point-estimate) parameters in a meta-gradient
-SHARED_PREFIX = "net."
 
 #: how GEM-BML+ fits q2 on D_tr u D_val (:func:`gem_plus_posteriors`)
 GEM_PLUS_MODES = ("sequential", "joint", "restart")
+#: how GEM-BML+ meta-learns the network's hidden (shared) weights (:func:`gem_plus_gradient`)
+HIDDEN_GRADIENTS = ("fisher", "implicit", "implicit-predictive")
 
 
 def mc_gem_gradient(prior: Prior, posterior: Posterior, num_samples: int = 64,
@@ -183,24 +182,37 @@ def gem_plus_posteriors(model: HierarchicalModel, guide: Guide, batch: TaskBatch
 
 def gem_plus_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, config: InnerConfig,
                       generator: torch.Generator | None = None, closed_form: bool = True, mode: str = "sequential",
-                      noise: NoiseFn | None = None) -> tuple[dict[str, Tensor], Posterior]:
+                      noise: NoiseFn | None = None, hidden_gradient: str = "fisher"
+                      ) -> tuple[dict[str, Tensor], Posterior]:
     r"""GEM-BML+: :math:`\nabla L^{[2]}_\tau = \hat g(q_2) - \hat g(q_1)` (Subroutine GEM-BML+, appendix A.4, eq. 21).
 
     For the diagonal Gaussian prior this is, per weight,
     :math:`\partial_\mu = (m_2 - m_1)/\sigma^2` and
     :math:`\partial_{\log\sigma} = (s_2^2 + (m_2-\mu)^2 - s_1^2 - (m_1-\mu)^2)/\sigma^2`.
+    The network's hidden (shared) weights take ``hidden_gradient`` (:data:`HIDDEN_GRADIENTS`): ``"fisher"``, the same
+    difference of Fisher's identity on q2 and q1 (:func:`shared_gem_gradient`), or ``"implicit"``, the gradient of
+    the query log-likelihood at q1's mean through the support VI's optimality condition
+    (:func:`hbmeta.inference.implicit.implicit_shared_gradient`).
+
     Returns the per-task gradients and q1 (the posterior on the support set).
     """
+    if hidden_gradient not in HIDDEN_GRADIENTS:
+        raise ValueError(f"hidden_gradient={hidden_gradient!r}: choose one of {', '.join(HIDDEN_GRADIENTS)}")
     q1, q2 = gem_plus_posteriors(model, guide, batch, config, generator, mode, noise)
     g2 = gem_gradient(model.prior, q2, closed_form, generator=generator)
     g1 = gem_gradient(model.prior, q1, closed_form, generator=generator)
     if model.likelihood.learnable:  # the same difference for the likelihood's parameters
         g2.update(likelihood_gem_gradient(model, q2, *batch.joint()))
         g1.update(likelihood_gem_gradient(model, q1, batch.x_train, batch.y_train))
-    if model.net.hidden:  # and for the network's hidden (shared) parameters
-        g2.update(shared_gem_gradient(model, q2, *batch.joint()))
-        g1.update(shared_gem_gradient(model, q1, batch.x_train, batch.y_train))
-    return {n: g2[n] - g1[n] for n in g2}, q1
+    grads = {n: g2[n] - g1[n] for n in g2}
+    if model.net.hidden and hidden_gradient == "fisher":  # and for the network's hidden (shared) parameters
+        g2 = shared_gem_gradient(model, q2, *batch.joint())
+        g1 = shared_gem_gradient(model, q1, batch.x_train, batch.y_train)
+        grads.update({n: g2[n] - g1[n] for n in g2})
+    elif model.net.hidden:
+        grads.update(implicit_shared_gradient(model, q1, batch, config.cg_steps,
+                                              predictive=hidden_gradient == "implicit-predictive"))
+    return grads, q1
 
 
 class GEMAlgorithm(PosteriorAlgorithm):
@@ -243,7 +255,8 @@ class GEMBMLPlus(GEMAlgorithm):
     def meta_gradient_and_posterior(self, learner: LearnerState, batch: TaskBatch,
                                     generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Posterior]:
         per_task, q1 = gem_plus_gradient(learner.model, learner.guide, batch, learner.inner, generator,
-                                         learner.closed_form, learner.gem_plus_mode)
+                                         learner.closed_form, learner.gem_plus_mode,
+                                         hidden_gradient=learner.hidden_gradient)
         return {n: -g.mean(0) for n, g in per_task.items()}, q1
 
 

@@ -48,8 +48,7 @@ from torch import Tensor
 
 from hbmeta.inference.algorithm import LearnerState, PosteriorAlgorithm, register_algorithm
 from hbmeta.inference.batch import TaskBatch
-from hbmeta.inference.gem import SHARED_PREFIX
-from hbmeta.inference.imaml import conjugate_gradient
+from hbmeta.inference.implicit import IMPLICIT_DAMPING, SHARED_PREFIX, vi_implicit_gradient
 from hbmeta.inference.inner import InnerConfig, diagonal_kl, fit_posterior
 from hbmeta.models.guides import Guide
 from hbmeta.models.hierarchical import HierarchicalModel
@@ -58,45 +57,8 @@ from hbmeta.models.priors import DiagonalGaussianPrior
 
 __all__ = ["vi_implicit_gradient", "ibaml_gradient", "IBAMLAlgorithm", "IBAML", "IBAML_DAMPING", "EXPECTATIONS"]
 
-#: ``delta`` added to the Hessian of the inner objective before the CG solve (units of its curvature, which the
-#: prior's precision ``1 / sigma^2``, 25 at the default sd 0.2, sets from below): a stabiliser where the network's
-#: Hessian is indefinite, small against the prior's precision
-IBAML_DAMPING = 1.0
-
-
-def vi_implicit_gradient(objective: Callable[[Tensor], Tensor], meta_loss: Callable[[Tensor], Tensor],
-                         optimum: Tensor, hyper: list[Tensor], cg_steps: int, damping: float = 0.0
-                         ) -> tuple[list[Tensor], Tensor]:
-    r"""``dL/dTheta`` of ``L(lambda*(Theta))`` through the optimality condition of ``lambda* = argmin F(., Theta)``.
-
-    Args:
-        objective: ``F(lam) -> scalar``, the inner objective summed over tasks (it reads ``hyper`` itself);
-            ``lam [T, D]`` holds each task's variational parameters in a row (tasks must not interact in ``F``).
-        meta_loss: ``L(lam) -> scalar``, the meta-loss summed over tasks.
-        optimum: ``lam* [T, D]`` where ``grad_lam F = 0`` (the inner VI's answer).
-        hyper: the meta-parameters ``Theta`` (tensors with ``requires_grad``) that ``F`` depends on.
-        cg_steps, damping: CG iterations per task and ``delta`` of :math:`(\nabla^2 F + \delta I) w = \nabla L`.
-
-    Returns:
-        ``([dL/dTheta_i], w)``: the gradient (summed over tasks, detached) and the solve ``w [T, D]``. A
-        meta-parameter that ``L`` also reads directly (a hidden, shared network weight) gets its partial derivative
-        added to the implicit term: :math:`dL/d\Theta = \partial_\Theta L - (\partial^2_{\Theta\lambda} F)^\top w`.
-    """
-    lam = optimum.detach().requires_grad_()
-    dl, *direct = torch.autograd.grad(meta_loss(lam), [lam, *hyper], allow_unused=True)
-    (df,) = torch.autograd.grad(objective(lam), lam, create_graph=True)
-
-    def hvp(v: Tensor) -> Tensor:
-        (hv,) = torch.autograd.grad(df, lam, grad_outputs=v, retain_graph=True)
-        return hv + damping * v
-
-    w = conjugate_gradient(hvp, dl.detach(), cg_steps).detach()
-    mixed = torch.autograd.grad(df, hyper, grad_outputs=w, allow_unused=True)
-    total = []
-    for g, d, h in zip(mixed, direct, hyper):
-        part = torch.zeros_like(h) if g is None else -g.detach()
-        total.append(part if d is None else part + d.detach())
-    return total, w
+#: ``delta`` added to the Hessian of the inner objective before the CG solve (:data:`hbmeta.inference.implicit.IMPLICIT_DAMPING`)
+IBAML_DAMPING = IMPLICIT_DAMPING
 
 
 def _expected_nll(model: HierarchicalModel, lam: Tensor, x: Tensor, y: Tensor, eps: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from hbmeta.inference.algorithm import Algorithm, LearnerState, register_algorithm
 from hbmeta.inference.batch import TaskBatch
+from hbmeta.inference.implicit import conjugate_gradient
 from hbmeta.inference.inner import InnerConfig, InnerLoopDivergedError, clip_per_task, make_optimizer
 from hbmeta.models.hierarchical import HierarchicalModel
 from hbmeta.models.posterior import Posterior
@@ -72,43 +73,6 @@ def proximal_adapt(model: HierarchicalModel, mu: Tensor, x: Tensor, y: Tensor, l
         raise InnerLoopDivergedError(f"iMAML's inner problem diverged within {steps} steps for task(s) {bad}; "
                                      f"lower the inner learning rate (now {lr}) or set clip_norm")
     return theta.detach()
-
-
-def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den != 0``, else 0 (CG has converged exactly for that task)."""
-    nonzero = den != 0
-    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
-
-
-def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int) -> Tensor:
-    r"""``steps`` iterations of CG for :math:`A_\tau x_\tau = b_\tau`, each row ``tau`` of ``b [T, P]`` its own system.
-
-    ``matvec(v [T, P]) -> [T, P]`` applies every task's (symmetric) matrix to its row. Starts at 0, so one
-    iteration returns a multiple of ``b``; ``P`` iterations solve a positive-definite system exactly (up to
-    rounding). Step sizes ``alpha`` and ``beta`` are ``[T]`` vectors, so the tasks never mix.
-
-    A task whose search direction meets non-positive curvature :math:`p^\top A p \le 0` (an indefinite
-    ``A``, or an exact solve) stops there, as truncated CG does (Steihaug 1983); if that happens on its first
-    iteration, the task returns ``b`` itself (the first-order answer, ``A = I``).
-    """
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rr = (r * r).sum(-1)
-    active = torch.ones_like(rr, dtype=torch.bool)
-    for step in range(steps):
-        ap = matvec(p)
-        pap = (p * ap).sum(-1)
-        active = active & (pap > 0)
-        if step == 0:
-            at_start = ~active
-        alpha = torch.where(active, _safe_divide(rr, pap), torch.zeros_like(rr))
-        x = x + alpha.unsqueeze(-1) * p
-        r = r - alpha.unsqueeze(-1) * ap
-        rr_new = (r * r).sum(-1)
-        p = r + _safe_divide(rr_new, rr).unsqueeze(-1) * p
-        rr = rr_new
-    return torch.where(at_start.unsqueeze(-1), b, x) if steps > 0 else x
 
 
 def implicit_meta_gradient(model: HierarchicalModel, theta: Tensor, x: Tensor, y: Tensor, v: Tensor, lam: float,

@@ -33,7 +33,7 @@ from hbmeta.inference.batch import TaskBatch, check_task_data
 import hbmeta.inference.bmaml  # noqa: F401  (bmaml)
 import hbmeta.inference.elbo_gradient  # noqa: F401  (abml)
 import hbmeta.inference.gem  # noqa: F401  (registers gem-bml, gem-bml+)
-from hbmeta.inference.gem import GEM_PLUS_MODES, LIKELIHOOD_PREFIX, SHARED_PREFIX
+from hbmeta.inference.gem import GEM_PLUS_MODES, HIDDEN_GRADIENTS, LIKELIHOOD_PREFIX, SHARED_PREFIX
 import hbmeta.inference.ibaml  # noqa: F401  (ibaml)
 import hbmeta.inference.imaml  # noqa: F401  (imaml)
 from hbmeta.inference.inner import InnerConfig, make_optimizer
@@ -155,6 +155,11 @@ class MetaLearner:
             :func:`prior_defaults` (0.2 with Gauss-Newton VI, 0.02 with SVI, BMAML's particles 0.1).
         max_prior_scale: ceiling on the learned prior standard deviation when ``prior`` is not given; ``"auto"``:
             :func:`prior_defaults` (none with Gauss-Newton VI, 0.1 with SVI); ``None``: no ceiling.
+        hide: parameters kept out of the prior, shared by the tasks and meta-learned as point estimates
+            (:class:`~hbmeta.models.functional.BatchedNet`'s ``hide``).
+        hidden_gradient: how GEM-BML+ meta-learns the hidden parameters (:data:`hbmeta.inference.gem.HIDDEN_GRADIENTS`):
+            ``"fisher"`` (GEM's Fisher identity, q2 against q1) or ``"implicit"`` (the query log-likelihood's
+            gradient through the support VI's optimality condition).
     """
 
     net: nn.Module | BatchedNet
@@ -170,6 +175,7 @@ class MetaLearner:
     prior_scale: float | None = None
     max_prior_scale: float | None | str = "auto"
     hide: tuple = ()
+    hidden_gradient: str = "fisher"
     iteration: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -202,6 +208,8 @@ class MetaLearner:
         defaults = self.spec.prior_defaults(self.inner.method)
         if self.gem_plus_mode is None:
             self.gem_plus_mode = defaults.gem_plus_mode
+        if self.hidden_gradient not in HIDDEN_GRADIENTS:
+            raise ValueError(f"unknown hidden_gradient {self.hidden_gradient!r}; choose one of {', '.join(HIDDEN_GRADIENTS)}")
         if self.gem_plus_mode not in GEM_PLUS_MODES:
             raise ValueError(f"unknown gem_plus_mode {self.gem_plus_mode!r}; choose one of {', '.join(GEM_PLUS_MODES)}")
         if self.hide and isinstance(self.net, BatchedNet):

@@ -9,13 +9,17 @@ touched), after 0..10 adaptation steps: accuracy, ECE and NLL of the predictive 
     python scripts/omniglot_sweep.py --variants all --iterations 300 --out runs/omniglot-sweep.jsonl --threads 1
     python scripts/omniglot_sweep.py --table-only --out runs/omniglot-sweep.jsonl
 
-Variants (one change at a time from the chosen default, ``head-vi``):
+Variants (one change at a time from ``head-vi``):
 
 - ``head-vi``: the conv body hidden (shared, meta-learned by GEM's Fisher identity), the head Bayesian with prior
-  sd 1.0, Gauss-Newton VI with the curvature averaged over the posterior (``curvature="expected"``), 2 steps;
-- ``head-laplace``: the same with the curvature at the mean (the Laplace step);
-- ``head-vi-prior0.3`` / ``head-vi-prior3``: a tighter / wider initial head prior;
-- ``head-vi-3steps``: 3 inner steps;
+  sd 1.0 (learned), Gauss-Newton VI with the curvature averaged over the posterior (``curvature="expected"``), 2 steps;
+- ``head-laplace`` (``-prior3``): the curvature at the mean (the Laplace step) (and a wider initial prior);
+- ``head-vi-implicit`` (``head-laplace-implicit``): the body by the implicit gradient of the query log-likelihood
+  at q1's mean instead of Fisher's identity (:func:`hbmeta.inference.implicit.implicit_shared_gradient`);
+- ``head-vi-gem-bml``: GEM-BML's meta-loss L[1] instead of GEM-BML+'s L[2];
+- ``head-vi-fixed-prior``: the head's prior sd kept at its initial value (the body and the prior mean learned);
+- ``head-vi-prior3``, ``head-vi-3steps``: a wider initial prior; 3 inner steps;
+- ``head-ibaml``: iBaML's implicit gradient with the same inner update;
 - ``full-gn``: every conv4 weight Bayesian (prior sd 0.05), Gauss-Newton VI by matrix-free CG;
 - ``full-svi``: the previous default (every weight Bayesian, prior sd 0.02, one whitened-Adam step of 0.5);
 - ``maml``: MAML at its defaults (one SGD step of 0.4), the reference.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,18 +39,31 @@ import torch
 from hbmeta.evaluation.calibration import calibration_errors, predictive_probabilities
 from hbmeta.evaluation.stats import mean_ci95
 from hbmeta.inference import InnerConfig, MetaLearner
-from hbmeta.models import CategoricalLikelihood
+from hbmeta.models import BatchedNet, CategoricalLikelihood, DiagonalGaussianPrior
 from hbmeta.models.conv import Conv4
 from hbmeta.tasks.fewshot import omniglot_tasks
 
 BODY = "features"
-HEAD_GN = dict(method="gauss-newton", steps=2)
+HEAD = dict(hide=(BODY,), prior_scale=1.0, inner=dict(method="gauss-newton", steps=2, curvature="expected"))
+
+
+def _head(**changes) -> dict:
+    inner = {**HEAD["inner"], **changes.pop("inner", {})}
+    return {**HEAD, **changes, "inner": inner}
+
+
 VARIANTS = {
-    "head-vi": dict(hide=(BODY,), prior_scale=1.0, inner=dict(HEAD_GN, curvature="expected")),
-    "head-laplace": dict(hide=(BODY,), prior_scale=1.0, inner=dict(HEAD_GN, curvature="mean")),
-    "head-vi-prior0.3": dict(hide=(BODY,), prior_scale=0.3, inner=dict(HEAD_GN, curvature="expected")),
-    "head-vi-prior3": dict(hide=(BODY,), prior_scale=3.0, inner=dict(HEAD_GN, curvature="expected")),
-    "head-vi-3steps": dict(hide=(BODY,), prior_scale=1.0, inner=dict(HEAD_GN, steps=3, curvature="expected")),
+    "head-vi": _head(),
+    "head-laplace": _head(inner=dict(curvature="mean")),
+    "head-laplace-prior3": _head(prior_scale=3.0, inner=dict(curvature="mean")),
+    "head-vi-implicit": _head(hidden_gradient="implicit"),
+    "head-vi-implicit-predictive": _head(hidden_gradient="implicit-predictive"),
+    "head-vi-implicit-1step": _head(hidden_gradient="implicit", inner=dict(steps=1)),
+    "head-vi-gem-bml": _head(algorithm="gem-bml"),
+    "head-vi-fixed-prior": _head(learn_scale=False),
+    "head-vi-prior3": _head(prior_scale=3.0),
+    "head-vi-3steps": _head(inner=dict(steps=3)),
+    "head-ibaml": _head(algorithm="ibaml"),
     "full-gn": dict(hide=(), prior_scale=0.05, inner=dict(method="gauss-newton", steps=2, solver="cg")),
     "full-svi": dict(hide=(), prior_scale=0.02, max_prior_scale=0.1,
                      inner=dict(method="svi", steps=1, lr=0.5, scale_lr=0.01, optimizer="adam", num_samples=2)),
@@ -60,12 +78,14 @@ def build(name: str, ways: int) -> MetaLearner:
     algorithm = spec.get("algorithm", "gem-bml+")
     if algorithm == "maml":
         return MetaLearner(Conv4.omniglot(ways), CategoricalLikelihood(), algorithm="maml", inner=inner)
-    return MetaLearner(Conv4.omniglot(ways), CategoricalLikelihood(), algorithm=algorithm, inner=inner,
-                       hide=spec["hide"], prior_scale=spec["prior_scale"],
-                       max_prior_scale=spec.get("max_prior_scale"))
+    net = BatchedNet(Conv4.omniglot(ways), hide=spec["hide"])
+    prior = DiagonalGaussianPrior(net.initial_vector(), math.log(spec["prior_scale"]),
+                                  learn_scale=spec.get("learn_scale", True), max_scale=spec.get("max_prior_scale"))
+    return MetaLearner(net, CategoricalLikelihood(), algorithm=algorithm, inner=inner, prior=prior,
+                       hidden_gradient=spec.get("hidden_gradient", "fisher"))
 
 
-def run(name: str, seed: int, iterations: int, shots: int, val_tasks: int) -> dict:
+def run(name: str, seed: int, iterations: int, shots: int, val_tasks: int, save: str | None = None) -> dict:
     torch.manual_seed(seed)
     learner = build(name, 5)
     gen = torch.Generator().manual_seed(seed)
@@ -75,6 +95,9 @@ def run(name: str, seed: int, iterations: int, shots: int, val_tasks: int) -> di
     for _ in range(iterations):
         learner.meta_step(train.sample(8, gen), gen)
     seconds = time.perf_counter() - began
+    if save:
+        Path(save).mkdir(parents=True, exist_ok=True)
+        torch.save(learner.state_dict(), Path(save) / f"{name}-seed{seed}-{iterations}.pt")
     batch = val.sample(val_tasks, torch.Generator().manual_seed(999))
     probs: dict[int, list] = {}
     for start in range(0, val_tasks, 50):  # 50 tasks at a time: the predictive's Jacobians stay small
@@ -95,7 +118,7 @@ def run(name: str, seed: int, iterations: int, shots: int, val_tasks: int) -> di
                              "nll": float(nll)}
     scale = getattr(learner.prior, "scale", None)
     return {"variant": name, "seed": seed, "iterations": iterations, "shots": shots, "val_tasks": val_tasks,
-            "train_seconds": seconds, "prior_scale_median": None if scale is None else float(scale.median()),
+            "train_seconds": seconds, "prior_scale_median": None if scale is None else float(scale.detach().median()),
             "evaluation": result}
 
 
@@ -123,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/omniglot-sweep.jsonl")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--save", default=None, help="also save each trained learner's state_dict into this folder")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -135,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 key = (name, seed, args.iterations, args.shots, args.val_tasks)
                 if any((r["variant"], r["seed"], r["iterations"], r["shots"], r["val_tasks"]) == key for r in done):
                     continue
-                row = run(name, seed, args.iterations, args.shots, args.val_tasks)
+                row = run(name, seed, args.iterations, args.shots, args.val_tasks, args.save)
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 done.append(row)

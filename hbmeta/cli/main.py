@@ -68,6 +68,9 @@ def _add_train(sub) -> None:
                         "by GEM's Fisher identity (gem-bml, gem-bml+)")
     p.add_argument("--inner-variance", default="meanfield", choices=["meanfield", "marginal"],
                    help="Gauss-Newton VI's guide variances: the KL-optimal mean-field ones or the exact marginals")
+    p.add_argument("--inner-curvature", default=None, choices=["expected", "mean"],
+                   help="Gauss-Newton VI's likelihood curvature: averaged over the posterior (expected: Gaussian VI, "
+                        "the default) or at its mean (mean: the Laplace step); the same for a Gaussian likelihood")
     p.add_argument("--inner-method", default=None, choices=["gauss-newton", "svi"],
                    help="Bayesian inner update; default gauss-newton for gem-bml(+) with the diagonal prior")
     p.add_argument("--guide", default=d.model.guide, help="meanfield, delta, fullcov or lowrank")
@@ -82,6 +85,10 @@ def _add_train(sub) -> None:
     p.add_argument("--gem-plus-mode", default=None, choices=["sequential", "joint", "restart"],
                    help="how GEM-BML+ fits q2 (restart: from the prior on support + query; sequential: the paper's VI(q1, "
                         "query); joint: from q1 on both); default restart with Gauss-Newton VI, sequential with SVI")
+    p.add_argument("--hidden-gradient", default=None, choices=["fisher", "implicit", "implicit-predictive"],
+                   help="how GEM-BML+ meta-learns hidden (--hide) weights: Fisher's identity on q2 and q1, or the "
+                        "query likelihood's gradient through the support VI's optimality condition (at the posterior "
+                        "mean, or of the predictive); default: the experiment's")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the network's initialisation and every meta-iteration's random streams")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="iterations between checkpoints (atomic; --resume continues from the last)")

@@ -31,6 +31,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from hbmeta.inference.gem import HIDDEN_GRADIENTS
 from hbmeta.inference.inner import InnerConfig
 from hbmeta.inference.learner import get_algorithm
 from hbmeta.models.prior_factory import PRIORS
@@ -118,6 +119,7 @@ class InnerSettings:
 
     method: str | None = None  # "gauss-newton" or "svi" (hbmeta.inference.inner.INNER_METHODS)
     variance: str = "meanfield"  # Gauss-Newton's guide variances: meanfield or marginal (InnerConfig.variance)
+    curvature: str | None = None  # Gauss-Newton's curvature: expected (VI) or mean (Laplace); None: InnerConfig's
     steps: int | None = None
     lr: float | None = None
     optimizer: str | None = None
@@ -128,6 +130,7 @@ class InnerSettings:
     cg_steps: int | None = None
     test_steps: int | None = None  # adaptation steps at meta-test (the paper's 10)
     gem_plus_mode: str | None = None  # how GEM-BML+ fits q2 (hbmeta.inference.gem.GEM_PLUS_MODES)
+    hidden_gradient: str | None = None  # how GEM-BML+ learns hidden weights (hbmeta.inference.gem.HIDDEN_GRADIENTS)
 
 
 @dataclass
@@ -192,6 +195,7 @@ PARTS: dict[str, type] = {"inner": InnerSettings, "model": ModelSettings, "rl": 
                           "scheduler": SchedulerSettings, "distributed": DistributedSettings}
 #: flat names (the command-line flags, the fields of configs written before the parts) that are not ``part_field``
 _RENAMED = {"inner_method": ("inner", "method"), "inner_variance": ("inner", "variance"),
+            "inner_curvature": ("inner", "curvature"),
             "inner_steps": ("inner", "steps"), "inner_lr": ("inner", "lr"), "inner_optimizer": ("inner", "optimizer"),
             "inner_scale_lr": ("inner", "scale_lr"), "rl_inner": ("rl", "inner"), "scheduler": ("scheduler", "name"),
             "scheduler_lr": ("scheduler", "lr"), "scheduler_warmup": ("scheduler", "warmup"),
@@ -258,6 +262,10 @@ class TrainConfig:
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a name (a string); got {getattr(self, name)!r}")
         get_algorithm(self.algorithm)  # a clear error for an unknown (or unregistered) name
+        if self.inner.hidden_gradient not in (None, *HIDDEN_GRADIENTS):
+            raise ValueError(f"hidden_gradient must be one of {', '.join(HIDDEN_GRADIENTS)}; got {self.inner.hidden_gradient!r}")
+        if self.inner.curvature not in (None, "expected", "mean"):
+            raise ValueError(f"inner_curvature must be 'expected' or 'mean'; got {self.inner.curvature!r}")
         if self.model.hide is not None and not isinstance(self.model.hide, str):
             raise ValueError(f"hide must be 'none' or comma-separated parameter names (a string); got {self.model.hide!r}")
         if self.model.prior not in PRIORS:
@@ -277,9 +285,10 @@ class TrainConfig:
     def inner_config(self) -> InnerConfig:
         """The inner update's :class:`~hbmeta.inference.inner.InnerConfig` (of a resolved config)."""
         s = self.inner
+        optional = {} if s.curvature is None else {"curvature": s.curvature}
         return InnerConfig(method=s.method, variance=s.variance, steps=s.steps, lr=s.lr, optimizer=s.optimizer,
                            num_samples=s.num_samples, clip_norm=s.clip_norm, scale_lr=s.scale_lr,
-                           imaml_lambda=s.imaml_lambda, cg_steps=s.cg_steps)
+                           imaml_lambda=s.imaml_lambda, cg_steps=s.cg_steps, **optional)
 
     # ------------------------------------------------------------------------------------ flat names
     def to_flat(self) -> dict[str, Any]:
@@ -315,6 +324,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """A config from :meth:`to_dict`'s nested form, or from a flat ``config.json`` written by hbmeta 0.1."""
+        data = _written_before_the_image_defaults(data)
         if any(isinstance(data.get(name), dict) for name in PARTS):
             names = {f.name for f in fields(cls)}
             unknown = set(data) - names
@@ -329,3 +339,15 @@ class TrainConfig:
             data = {**data, "inner_method": "svi",
                     "max_prior_scale": 0.0 if data.get("max_prior_scale") is None else data["max_prior_scale"]}
         return cls.from_flat(**data)
+
+
+def _written_before_the_image_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config from before ``hide`` and ``hidden_gradient`` existed meant: nothing hidden, Fisher's identity
+    (unset, they would now resolve to the image experiments' shared body)."""
+    data = dict(data)
+    if isinstance(data.get("model"), dict) or isinstance(data.get("inner"), dict):
+        model, inner = dict(data.get("model") or {}), dict(data.get("inner") or {})
+        model.setdefault("hide", "none")
+        inner.setdefault("hidden_gradient", "fisher")
+        return {**data, "model": model, "inner": inner}
+    return {"hide": "none", "hidden_gradient": "fisher", **data}

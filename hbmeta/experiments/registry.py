@@ -112,6 +112,13 @@ def _multimodal(config: TrainConfig):
 #: inner learning rate is in units of the prior sd: Adam moves each coordinate by about ``lr`` per step,
 #: i.e. by ``lr * sigma`` in weight space; ``0.01 / prior_scale`` is the paper's 0.01 in weight space.
 #: Baselines: their own papers' recipes (MAML: SGD 0.4 on Omniglot, 0.01 on miniImageNet; Reptile: Adam 1e-3).
+#: the image defaults of the algorithms that meta-learn hidden parameters (GEM-BML, GEM-BML+, iBaML), chosen on
+#: validation characters (``scripts/omniglot_sweep.py``; README, "Few-shot Omniglot"): the head's initial prior sd and
+#: the Gauss-Newton VI steps at meta-training
+HEAD_PRIOR_SCALE = 1.0
+HEAD_INNER_STEPS = 2
+
+
 def classification_defaults(dataset: str) -> Callable[[TrainConfig], dict[str, Any]]:
     """The paper's appendix C.4.2 table (and the baselines' own papers) as run-config defaults."""
 
@@ -129,6 +136,11 @@ def classification_defaults(dataset: str) -> Callable[[TrainConfig], dict[str, A
             out.update(inner_optimizer="sgd")  # plain SVGD steps at the algorithm's default size (hbmeta.inference.learner)
         elif spec.name == "abml":
             out.update(inner_optimizer="sgd", num_samples=2)  # ABML unrolls plain SGD on the whitened guide
+        elif spec.learns_hidden and config.model.hide != "none":
+            # a Bayesian head on a shared body (README, "Few-shot Omniglot"): the conv body is a point estimate that
+            # GEM meta-learns by Fisher's identity, the head's posterior comes from Gauss-Newton VI, solved exactly
+            out.update(hide=config.model.hide or "features", inner_method="gauss-newton", prior_scale=HEAD_PRIOR_SCALE,
+                       inner_steps=HEAD_INNER_STEPS, test_steps=10)
         elif spec.bayesian:
             prior_scale = config.model.prior_scale if config.model.prior_scale is not None else prior_defaults(spec.name, "svi").prior_scale
             out.update(inner_method="svi", inner_optimizer="adam", inner_lr=weight_lr / prior_scale,

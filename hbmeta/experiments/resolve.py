@@ -36,6 +36,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     for key, value in experiment.defaults(TrainConfig.from_flat(**flat)).items():
         if flat[key] is None:
             flat[key] = value
+    if flat["hide"] is None:
+        flat["hide"] = "none"
+    if flat["hidden_gradient"] is None:
+        flat["hidden_gradient"] = "fisher"
     algorithm = flat["algorithm"]
     gauss_newton = (flat["prior"] == "diagonal" and flat["guide"] in GAUSS_NEWTON_GUIDES
                     and experiment.metric != "return")  # RL: policy-gradient VI

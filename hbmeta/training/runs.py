@@ -167,7 +167,8 @@ def build_learner(config: TrainConfig, device: torch.device | None = None) -> Me
     return MetaLearner(batched, experiment.make_likelihood(config), algorithm=config.algorithm,
                        guide=config.model.guide, inner=config.inner_config(), meta_lr=config.meta_lr,
                        gem_plus_mode=config.inner.gem_plus_mode, prior_scale=config.model.prior_scale,
-                       max_prior_scale=config.model.prior_scale_ceiling, prior=prior)
+                       max_prior_scale=config.model.prior_scale_ceiling, prior=prior,
+                       hidden_gradient=config.inner.hidden_gradient or "fisher")
 
 
 def load_learner(run_dir: str | Path, device: str = "auto") -> tuple[MetaLearner, TrainConfig, int]:

@@ -39,9 +39,11 @@ def test_flat_names_and_nested_json_round_trip_and_match_the_v0_1_fields():
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert (config.scheduler.name, config.inner.steps, config.model.prior_scale) == ("ats", 3, 0.05)
     old = json.loads((FIXTURE / "config.json").read_text())
-    assert set(config.to_flat()) - set(old) == {"hide"}  # every v0.1 field still has its flat name (the CLI's
-    back = TrainConfig.from_dict(old).to_flat()           # flags), beside the one added since; and a v0.1 config
-    assert {k: back[k] for k in old} == old and back["hide"] is None  # reads back unchanged
+    added = {"hide", "hidden_gradient", "inner_curvature"}  # settings added since 0.1 (the image defaults)
+    assert set(config.to_flat()) - set(old) == added  # every v0.1 field still has its flat name (the CLI's flags)
+    back = TrainConfig.from_dict(old).to_flat()        # and a v0.1 config reads back unchanged, the new ones unset
+    assert {k: back[k] for k in old} == old and (back["hide"], back["hidden_gradient"], back["inner_curvature"]) == (
+        "none", "fisher", None)  # what a run from before them did
     assert config.with_flat(seed=7).seed == 7 and config.seed == 0
 
 

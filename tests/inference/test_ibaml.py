@@ -13,7 +13,7 @@ from torch import nn
 
 from hbmeta.inference import InnerConfig, MetaLearner, TaskBatch
 from hbmeta.inference.ibaml import ibaml_gradient, vi_implicit_gradient
-from hbmeta.inference.inner import diagonal_kl
+from hbmeta.inference.inner import diagonal_kl, fit_posterior
 from hbmeta.models import BatchedNet, DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel, MeanFieldGuide, mlp
 from hbmeta.tasks import SinusoidTasks
 
@@ -137,3 +137,24 @@ def test_ibamls_gradient_of_a_hidden_output_offset_is_the_exact_one():
     (expected,) = torch.autograd.grad(query, b)
     torch.testing.assert_close(grads["net.bias"], expected, rtol=1e-6, atol=1e-10)
     assert set(grads) == {"mu", "log_sigma", "net.bias"}
+
+
+def test_gem_plus_implicit_hidden_gradient_is_the_exact_query_gradient(float64):
+    """GEM-BML+'s ``hidden_gradient="implicit"``: the hidden offset's rows are the ascent direction of the mean query
+    log-likelihood at the support posterior's mean, through its optimality condition - exact on the linear model."""
+    from hbmeta.inference.implicit import implicit_shared_gradient
+
+    x, y, xq, yq = _data()
+    net = nn.Linear(P, 1).double()
+    batched = BatchedNet(net, hide=["bias"])
+    mu = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    log_sigma = torch.tensor([0.0, -0.5, 0.4], dtype=torch.float64)
+    model = HierarchicalModel(batched, DiagonalGaussianPrior(mu, log_sigma), GaussianLikelihood(NOISE))
+    post = fit_posterior(model, MeanFieldGuide(), x, y, model.initial_posterior(x, y),
+                         config=InnerConfig(method="gauss-newton", solver="woodbury", steps=3, tolerance=0))
+    rows = implicit_shared_gradient(model, post, TaskBatch(x, y, xq, yq), cg_steps=4 * P, damping=0.0)["net.bias"]
+    b = net.bias.detach().clone().requires_grad_()
+    m, _ = _meanfield_optimum(mu, log_sigma, x, y - b)
+    (expected,) = torch.autograd.grad(_expected_nll(m, torch.full_like(m, -math.inf), xq, yq - b).mean(), b)
+    assert rows.shape == (T, 1) and torch.equal(rows[0], rows[-1])
+    torch.testing.assert_close(rows.mean(0), -expected, rtol=1e-6, atol=1e-10)
