@@ -149,7 +149,7 @@ def gem_bml_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, c
 
 def gem_plus_posteriors(model: HierarchicalModel, guide: Guide, batch: TaskBatch, config: InnerConfig,
                         generator: torch.Generator | None = None, mode: str = "sequential",
-                        noise: NoiseFn | None = None) -> tuple[Posterior, Posterior]:
+                        noise: NoiseFn | None = None, laplace: bool = False) -> tuple[Posterior, Posterior]:
     r"""The two posteriors of GEM-BML+: ``q1 = VI(Theta, D_tr)`` and ``q2`` on ``D_tr u D_val``.
 
     ``mode="sequential"`` (the paper's VI(lambda_tr, D_val)): start at q1, use q1 as the prior, data D_val.
@@ -158,14 +158,15 @@ def gem_plus_posteriors(model: HierarchicalModel, guide: Guide, batch: TaskBatch
     the two estimates in ``g(q2) - g(q1)`` share the inner update's error (the Gauss-Newton default: with a
     warm start q2 gets more optimisation than q1 and the difference picks that up; README, "Defaults").
     ``noise`` (optional) replaces ``generator`` as both fits' reparameterisation noise. q2 replays q1's draws
-    (common random numbers, :class:`hbmeta.inference.inner.CommonNoise`).
+    (common random numbers, :class:`hbmeta.inference.inner.CommonNoise`). ``laplace``: q1 also keeps the linearised
+    posterior (Gauss-Newton; :func:`hbmeta.inference.inner.fit_posterior`).
     """
     if mode not in GEM_PLUS_MODES:
         raise ValueError(f"unknown GEM-BML+ mode {mode!r}; choose one of {', '.join(GEM_PLUS_MODES)}")
     common = CommonNoise(noise or standard_normal(generator, batch.x_train))  # q2 replays q1's draws
     noise1, noise2 = common.first, common.second
     q1 = fit_posterior(model, guide, batch.x_train, batch.y_train, model.initial_posterior(batch.x_train, batch.y_train),
-                       config=config, generator=generator, noise=noise1)
+                       config=config, generator=generator, noise=noise1, laplace=laplace)
     val_steps = config.val_steps if config.val_steps is not None else config.steps
     if mode == "sequential":
         if q1.kind == "delta":
@@ -198,7 +199,8 @@ def gem_plus_gradient(model: HierarchicalModel, guide: Guide, batch: TaskBatch, 
     """
     if hidden_gradient not in HIDDEN_GRADIENTS:
         raise ValueError(f"hidden_gradient={hidden_gradient!r}: choose one of {', '.join(HIDDEN_GRADIENTS)}")
-    q1, q2 = gem_plus_posteriors(model, guide, batch, config, generator, mode, noise)
+    q1, q2 = gem_plus_posteriors(model, guide, batch, config, generator, mode, noise,
+                                 laplace=hidden_gradient == "implicit-predictive")
     g2 = gem_gradient(model.prior, q2, closed_form, generator=generator)
     g1 = gem_gradient(model.prior, q1, closed_form, generator=generator)
     if model.likelihood.learnable:  # the same difference for the likelihood's parameters

@@ -28,7 +28,8 @@ from torch import Tensor
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.inner import diagonal_kl
 from hbmeta.models.hierarchical import HierarchicalModel
-from hbmeta.models.likelihoods import EXPECTATION_DRAWS, standard_draws
+from hbmeta.models.jacobian import output_jacobian
+from hbmeta.models.likelihoods import EXPECTATION_DRAWS, gaussian_draws
 from hbmeta.models.posterior import Posterior
 
 __all__ = ["conjugate_gradient", "vi_implicit_gradient", "implicit_shared_gradient", "support_objective", "query_nll_at_mean",
@@ -138,18 +139,18 @@ def query_nll_at_mean(model: HierarchicalModel, x: Tensor, y: Tensor) -> Callabl
     return meta_loss
 
 
-def query_nll_predictive(model: HierarchicalModel, x: Tensor, y: Tensor, num_draws: int = EXPECTATION_DRAWS
-                         ) -> Callable[[Tensor], Tensor]:
-    r"""``L(lam)``: the query negative log-likelihood of the posterior predictive, :math:`-\sum_n \log \frac1K \sum_k
-    p(y_n \mid f(x_n; m + s \odot \epsilon_k))`, summed over tasks: Bayesian model averaging per point over ``K``
-    fixed draws (:func:`hbmeta.models.likelihoods.standard_draws`) of the mean-field posterior ``N(m, diag s^2)``."""
+def query_nll_predictive(model: HierarchicalModel, x: Tensor, y: Tensor, spread: Tensor) -> Callable[[Tensor], Tensor]:
+    r"""``L(lam)``: the query negative log-likelihood of the posterior predictive, Bayesian model averaging per point,
+    :math:`-\sum_n \log \frac1K \sum_k p(y_n \mid f(x_n; m) + \xi_{nk})`, summed over tasks, where ``spread [K, T, N, O]``
+    holds fixed draws :math:`\xi` of the predictive's spread in function space (the linearised posterior's; held
+    constant: the mean's outputs carry the gradient)."""
 
     def meta_loss(lam: Tensor) -> Tensor:
-        m, log_s = lam.chunk(2, dim=-1)
-        eps = standard_draws(num_draws, m.shape[-1], m.dtype, m.device).unsqueeze(1)      # [K, 1, P]
-        f = model.net(m + log_s.exp() * eps, x)                                            # [K, T, N, *out]
-        num_tasks, num_points = f.shape[1], f.shape[2]
-        per_point = model.likelihood.log_prob(f.reshape(num_draws, num_tasks * num_points, 1, *f.shape[3:]),
+        m = lam.chunk(2, dim=-1)[0]
+        f = model.net(m.unsqueeze(0), x)[0]                                                   # [T, N, *out]
+        num_draws, (num_tasks, num_points) = spread.shape[0], f.shape[:2]
+        draws = f.unsqueeze(0) + spread.reshape(num_draws, *f.shape)
+        per_point = model.likelihood.log_prob(draws.reshape(num_draws, num_tasks * num_points, 1, *f.shape[2:]),
                                               y.reshape(num_tasks * num_points, 1, *y.shape[2:]))   # [K, T N]
         return -(torch.logsumexp(per_point, 0) - math.log(num_draws)).sum()
 
@@ -169,7 +170,13 @@ def implicit_shared_gradient(model: HierarchicalModel, posterior: Posterior, bat
     prior = model.prior
     optimum = torch.cat([posterior.loc, posterior.scale.log()], dim=-1).detach()
     objective = support_objective(model, prior.loc.detach(), prior.scale.detach(), batch.x_train, batch.y_train)
-    meta_loss = (query_nll_predictive if predictive else query_nll_at_mean)(model, batch.x_val, batch.y_val)
+    if predictive:  # the spread of the predictive the learner evaluates with (posterior.function_covariance)
+        with torch.no_grad():
+            _, jac = output_jacobian(model.net, posterior.loc, batch.x_val)
+            spread = gaussian_draws(posterior.function_covariance(jac), EXPECTATION_DRAWS)
+        meta_loss = query_nll_predictive(model, batch.x_val, batch.y_val, spread)
+    else:
+        meta_loss = query_nll_at_mean(model, batch.x_val, batch.y_val)
     grads, _ = vi_implicit_gradient(objective, meta_loss, optimum, list(hidden.values()), cg_steps, damping)
     num_tasks = posterior.loc.shape[0]
     return {SHARED_PREFIX + n: (-g / num_tasks).expand(num_tasks, *g.shape) for n, g in zip(hidden, grads)}

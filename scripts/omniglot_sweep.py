@@ -59,6 +59,8 @@ VARIANTS = {
     "head-vi-implicit": _head(hidden_gradient="implicit"),
     "head-vi-implicit-predictive": _head(hidden_gradient="implicit-predictive"),
     "head-vi-implicit-1step": _head(hidden_gradient="implicit", inner=dict(steps=1)),
+    "head-vi-implicit-prior3": _head(hidden_gradient="implicit", prior_scale=3.0),
+    "head-vi-implicit-prior10": _head(hidden_gradient="implicit", prior_scale=10.0),
     "head-vi-gem-bml": _head(algorithm="gem-bml"),
     "head-vi-fixed-prior": _head(learn_scale=False),
     "head-vi-prior3": _head(prior_scale=3.0),

@@ -221,8 +221,9 @@ def summarize(results: list[dict], budget: str | None = None) -> dict:
         for step in runs[0]["evaluation"]:
             cell = {key: seed_interval([r["evaluation"][step][key] for r in runs])}
             if metric == "accuracy":
-                for extra in ("ece", "mce"):
-                    cell[extra] = seed_interval([r["evaluation"][step][extra] for r in runs])
+                for extra in ("ece", "mce", "nll", "accuracy_mean", "ece_mean", "nll_mean"):
+                    if all(extra in r["evaluation"][step] for r in runs):
+                        cell[extra] = seed_interval([r["evaluation"][step][extra] for r in runs])
             row["steps"][step] = cell
         losses = [largest_step_loss({s: v[key] for s, v in r["evaluation"].items()}, metric) for r in runs]
         if all(loss is not None for loss in losses):
@@ -267,7 +268,8 @@ def format_accuracy_table(summary: dict) -> str:
         name = "accuracy %" if classification else "MSE"
         head = "| algorithm | seeds | " + " | ".join(f"{name} after {s}" for s in steps)
         shown = [s for s in dict.fromkeys(("1", steps[-1])) if s in steps] if classification else []
-        head += "".join(f" | ECE / MCE after {s}" for s in shown) + " |"
+        both = classification and all("ece_mean" in r["steps"][s] for r in rows for s in shown)
+        head += "".join(f" | ECE after {s}" + (" (BMA / mean)" if both else " / MCE") for s in shown) + " |"
         monotone = all("largest_step_loss" in r for r in rows)
         if monotone:
             head += f" largest loss k→k+1{' (points)' if classification else ''} |"
@@ -277,8 +279,9 @@ def format_accuracy_table(summary: dict) -> str:
         for r in rows:
             key = "accuracy" if classification else "mse"
             cells = [_cell(r["steps"][s][key], percent=classification) for s in steps]
-            for s in shown:  # after 1 step (what the Bayesian classification default adapts with) and after the last
-                cells.append(f"{_cell(r['steps'][s]['ece'], digits=3)} / {_cell(r['steps'][s]['mce'], digits=3)}")
+            for s in shown:  # after 1 step and after the last: the posterior predictive's, and the mean prediction's
+                other = "ece_mean" if both else "mce"
+                cells.append(f"{_cell(r['steps'][s]['ece'], digits=3)} / {_cell(r['steps'][s][other], digits=3)}")
             if monotone:
                 cells.append(_cell(r["largest_step_loss"], percent=classification))
             cells.append(f"{r['train_seconds'][0]:.0f}")

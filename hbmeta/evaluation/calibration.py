@@ -51,31 +51,40 @@ from hbmeta.inference.learner import MetaLearner  # noqa: E402
 from hbmeta.models.posterior import Posterior  # noqa: E402
 from hbmeta.models.likelihoods import EXPECTATION_DRAWS, gaussian_draws  # noqa: E402
 
-__all__ = ["predictive_probabilities", "calibration_errors", "reliability_diagram", "accuracy_ci95", "NUM_BINS",
+__all__ = ["predictive_probabilities", "PREDICTIVES", "calibration_errors", "reliability_diagram", "accuracy_ci95", "NUM_BINS",
            "gaussian_mixture_pit", "pit_uniformity", "ks_uniform"]
 
 #: bins of Guo et al. (2017), the usual choice for ECE / MCE tables
 NUM_BINS = 15
 
 
+#: how class probabilities are read off a posterior (:func:`predictive_probabilities`)
+PREDICTIVES = ("bma", "mean")
+
+
 @torch.no_grad()
 def predictive_probabilities(learner: MetaLearner, posterior: Posterior, x: Tensor, num_samples: int = 32,
-                             generator: torch.Generator | None = None) -> Tensor:
+                             generator: torch.Generator | None = None, predictive: str = "bma") -> Tensor:
     """Class probabilities of the posterior predictive, ``[T, N, classes]``.
 
     The Monte-Carlo average of ``softmax(f(x; theta_s) / T)`` over ``num_samples`` guide samples (Bayesian model
     averaging, not the softmax of averaged logits); where the predictive is Gaussian in function space (the
     linearised one after Gauss-Newton VI) the average over :data:`~hbmeta.models.likelihoods.EXPECTATION_DRAWS` fixed
     quasi-Monte-Carlo draws of it instead (deterministic, and cheap: no network passes). A point-mass posterior
-    (MAML, Reptile, a Delta guide) gives the softmax of its one prediction.
+    (MAML, Reptile, a Delta guide) gives the softmax of its one prediction. ``predictive="mean"``: the softmax of the
+    predictive's mean output (for a Gauss-Newton posterior, the network at the posterior mean) instead of the average.
 
     Args:
         learner: a meta-learner whose network outputs class logits.
         posterior: the tasks' posteriors, from ``learner.adapt``.
         x: ``[T, N, *in]`` query inputs.
     """
+    if predictive not in PREDICTIVES:
+        raise ValueError(f"predictive={predictive!r}: choose 'bma' (model averaging) or 'mean' (the posterior mean's)")
     pred = learner.predict(posterior, x, num_samples, generator)
     probs = getattr(learner.likelihood, "probs", lambda f: torch.softmax(f, dim=-1))
+    if predictive == "mean":
+        return probs(pred.mean)
     if pred.cov is not None:  # Gaussian in function space: a deterministic quasi-Monte-Carlo average
         draws = pred.mean.unsqueeze(0) + gaussian_draws(pred.cov, EXPECTATION_DRAWS).reshape(-1, *pred.mean.shape)
         return probs(draws).mean(0)

@@ -50,13 +50,14 @@ def evaluate_regression(learner: MetaLearner, tasks: SinusoidTasks, steps: tuple
 
 
 def classification_outputs(learner: MetaLearner, batch: TaskBatch, steps: tuple[int, ...] = (0, 1, 5, 10),
-                           num_samples: int = 16, seed: int = 12345, chunk: int = 50
+                           num_samples: int = 16, seed: int = 12345, chunk: int = 50, predictive: str = "bma"
                            ) -> dict[int, torch.Tensor]:
     """Query-set predictive probabilities ``[T, M, classes]`` after each number of adaptation steps.
 
     The posterior predictive is Bayesian model averaging: the Monte-Carlo mean of the softmax over
     ``num_samples`` guide samples (:func:`hbmeta.evaluation.calibration.predictive_probabilities`); point-estimate
     learners give the softmax of their adapted weights. Tasks run ``chunk`` at a time to bound memory.
+    ``predictive="mean"``: the softmax of the predictive's mean instead (:func:`predictive_probabilities`).
     """
     noise_gen = torch.Generator(device=learner.device).manual_seed(seed + 1)
     wanted, out = set(steps), {k: [] for k in sorted(set(steps))}
@@ -65,7 +66,8 @@ def classification_outputs(learner: MetaLearner, batch: TaskBatch, steps: tuple[
 
         def record(step: int, posterior, part=part) -> None:
             if step in wanted:
-                probs = predictive_probabilities(learner, posterior, part.x_val.to(learner.device), num_samples, noise_gen)
+                probs = predictive_probabilities(learner, posterior, part.x_val.to(learner.device), num_samples, noise_gen,
+                                                 predictive)
                 out[step].append(probs.cpu())
 
         learner.adapt(part.x_train, part.y_train, steps=max(steps), generator=noise_gen, callback=record)
@@ -76,19 +78,25 @@ def evaluate_classification(learner: MetaLearner, tasks, steps: tuple[int, ...] 
                             num_tasks: int = 600, num_samples: int = 8, seed: int = 12345, num_bins: int = 15,
                             chunk: int = 50) -> dict[int, dict[str, float]]:
     """Accuracy on ``num_tasks`` new N-way K-shot tasks after each number of steps, with 95% CIs over tasks,
-    and the calibration of the predictive (ECE / MCE with ``num_bins`` equal-width bins; GEM-BML Table 3).
+    and the calibration of the predictive (ECE / MCE with ``num_bins`` equal-width bins; GEM-BML Table 3) and its
+    NLL per query point: of the posterior predictive (model averaging; ``accuracy``, ``ece``, ``nll``, ...) and of
+    the posterior mean's prediction (``accuracy_mean``, ``ece_mean``, ``nll_mean``, ...; the same numbers for a point
+    estimate).
 
     The same tasks (``seed``) are used for every learner so that numbers are comparable.
     """
     batch = tasks.sample(num_tasks, torch.Generator().manual_seed(seed))
-    probs = classification_outputs(learner, batch, steps, num_samples, seed, chunk)
     labels = batch.y_val
     result: dict[int, dict[str, float]] = {}
-    for k, p in probs.items():
-        accuracy, ci95 = mean_ci95((p.argmax(-1) == labels).float().mean(1))
-        cal = calibration_errors(p, labels, num_bins=num_bins)
-        result[k] = {"accuracy": accuracy, "ci95": ci95, "ece": float(cal["ece"]), "mce": float(cal["mce"]),
-                     "num_bins": num_bins, "num_tasks": num_tasks}
+    for predictive, suffix in (("bma", ""), ("mean", "_mean")):
+        probs = classification_outputs(learner, batch, steps, num_samples, seed, chunk, predictive)
+        for k, p in probs.items():
+            accuracy, ci95 = mean_ci95((p.argmax(-1) == labels).float().mean(1))
+            cal = calibration_errors(p, labels, num_bins=num_bins)
+            nll = float(-p.clamp_min(1e-12).log().gather(-1, labels.unsqueeze(-1)).mean())
+            result.setdefault(k, {"num_bins": num_bins, "num_tasks": num_tasks}).update(
+                {f"accuracy{suffix}": accuracy, f"ci95{suffix}": ci95, f"ece{suffix}": float(cal["ece"]),
+                 f"mce{suffix}": float(cal["mce"]), f"nll{suffix}": nll})
     return result
 
 

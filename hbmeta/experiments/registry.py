@@ -141,6 +141,8 @@ def classification_defaults(dataset: str) -> Callable[[TrainConfig], dict[str, A
             # GEM meta-learns by Fisher's identity, the head's posterior comes from Gauss-Newton VI, solved exactly
             out.update(hide=config.model.hide or "features", inner_method="gauss-newton", prior_scale=HEAD_PRIOR_SCALE,
                        inner_steps=HEAD_INNER_STEPS, test_steps=10)
+            if spec.name == "gem-bml+":  # the body by the query likelihood's implicit gradient: Fisher's identity
+                out["hidden_gradient"] = "implicit"  # learns it too slowly (validation sweep, README)
         elif spec.bayesian:
             prior_scale = config.model.prior_scale if config.model.prior_scale is not None else prior_defaults(spec.name, "svi").prior_scale
             out.update(inner_method="svi", inner_optimizer="adam", inner_lr=weight_lr / prior_scale,

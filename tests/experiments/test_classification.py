@@ -30,6 +30,8 @@ def test_paper_defaults_for_omniglot():
         assert (head.inner.steps, head.inner.test_steps, head.model.prior_scale) == (HEAD_INNER_STEPS, 10,
                                                                                     HEAD_PRIOR_SCALE)
     assert build_learner(make_config(experiment="omniglot")).model.net.num_params == 64 * 5 + 5  # the head alone
+    assert make_config(experiment="omniglot").inner.hidden_gradient == "implicit"  # GEM-BML+'s body (sweep)
+    assert make_config(experiment="omniglot", algorithm="gem-bml").inner.hidden_gradient == "fisher"
     one = make_config(experiment="omniglot", algorithm="gem-bml+", hide="none")
     assert (one.k_shot, one.meta_batch, one.inner.steps, one.inner.optimizer) == (1, 32, 1, "adam")
     assert one.inner.lr * one.model.prior_scale == pytest.approx(0.01)  # the paper's 0.01, in the whitened units
