@@ -9,7 +9,13 @@ the current mean ``m`` is:
    :math:`J = \partial f / \partial \theta` (``[N O, P]``, :mod:`hbmeta.models.jacobian`), and take the likelihood's
    gradient ``g`` and Gauss-Newton Hessian :math:`H = R R^\top` in the outputs
    (:meth:`hbmeta.models.likelihoods.Likelihood.curvature`: :math:`I / s^2` for a Gaussian,
-   :math:`\mathrm{diag}\, p - p p^\top` for a softmax).
+   :math:`\mathrm{diag}\, p - p p^\top` for a softmax, by autograd for any other likelihood). With
+   ``curvature="expected"`` (the default) a likelihood that is not quadratic in ``f`` takes both averaged over the
+   current posterior's spread in function space, :math:`f \sim N(f(x; m), J S J^\top)` (fixed antithetic draws;
+   :func:`function_space_spread`), and the line search scores the objective with the same draws: the Bayesian
+   learning rule's Gaussian-VI step, whose fixed point is the mean-field ELBO's optimum for a model linear in its
+   weights. At the mean (``"mean"``) it is the Laplace step, whose softmax curvature vanishes where the support set is
+   fitted confidently and so leaves the posterior as wide as the prior there.
 2. **Solve the coupled Gauss-Newton system exactly, in function space.** With the whitened Jacobian
    :math:`G = R^\top J` and :math:`\Lambda_0 = \mathrm{diag}(1 / v_0)`,
 

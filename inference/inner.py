@@ -117,7 +117,8 @@ class InnerConfig:
         curvature_draws: draws per point of ``curvature="expected"``.
         latent_lr: Adam's learning rate for the guide of per-task latents besides the weights
             (:mod:`hbmeta.models.latents`, e.g. a noise scale). That guide is always fitted with Adam: it is not
-            whitened, so the weights' (whitened SGD) step size does not suit it. ``None`` means ``lr``.
+            whitened, so the weights' (whitened SGD) step size does not suit it. ``None`` means ``lr`` with SVI and
+            :data:`hbmeta.inference.gauss_newton_latents.LATENT_LR` with Gauss-Newton VI (which has no ``lr``).
     """
 
     steps: int = 5

@@ -48,10 +48,11 @@ from torch import Tensor  # noqa: E402
 from hbmeta.evaluation.plots import save_figure  # noqa: E402
 from hbmeta.evaluation.stats import mean_ci95  # noqa: E402
 from hbmeta.inference.learner import MetaLearner  # noqa: E402
+from hbmeta.inference.predictive import PosteriorPredictive  # noqa: E402
 from hbmeta.models.posterior import Posterior  # noqa: E402
 from hbmeta.models.likelihoods import EXPECTATION_DRAWS, gaussian_draws  # noqa: E402
 
-__all__ = ["predictive_probabilities", "PREDICTIVES", "calibration_errors", "reliability_diagram", "accuracy_ci95", "NUM_BINS",
+__all__ = ["predictive_probabilities", "class_probabilities", "PREDICTIVES", "calibration_errors", "reliability_diagram", "accuracy_ci95", "NUM_BINS",
            "gaussian_mixture_pit", "pit_uniformity", "ks_uniform"]
 
 #: bins of Guo et al. (2017), the usual choice for ECE / MCE tables
@@ -81,7 +82,12 @@ def predictive_probabilities(learner: MetaLearner, posterior: Posterior, x: Tens
     """
     if predictive not in PREDICTIVES:
         raise ValueError(f"predictive={predictive!r}: choose 'bma' (model averaging) or 'mean' (the posterior mean's)")
-    pred = learner.predict(posterior, x, num_samples, generator)
+    return class_probabilities(learner, learner.predict(posterior, x, num_samples, generator), predictive)
+
+
+def class_probabilities(learner: MetaLearner, pred: PosteriorPredictive, predictive: str = "bma") -> Tensor:
+    """``[T, N, C]`` class probabilities of a predictive ``pred`` from ``learner.predict`` (one predictive serves both
+    readings: ``"bma"``, model averaging, and ``"mean"``, the softmax of its mean; :func:`predictive_probabilities`)."""
     probs = getattr(learner.likelihood, "probs", lambda f: torch.softmax(f, dim=-1))
     if predictive == "mean":
         return probs(pred.mean)

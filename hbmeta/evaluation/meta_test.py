@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hbmeta.evaluation.calibration import calibration_errors, predictive_probabilities, reliability_diagram
+from hbmeta.evaluation.calibration import PREDICTIVES, calibration_errors, class_probabilities, reliability_diagram
 from hbmeta.evaluation.stats import mean_ci95
 from hbmeta.experiments import TrainConfig, get_experiment, resolve_config
 from hbmeta.inference.batch import TaskBatch
@@ -12,6 +12,7 @@ from hbmeta.inference.learner import MetaLearner
 from hbmeta.tasks.sinusoid import SinusoidBatch, SinusoidTasks
 
 __all__ = ["evaluate_regression", "regression_errors", "evaluate_classification", "classification_outputs",
+           "classification_outputs_by_predictive",
            "evaluate_experiment", "compare_calibration"]
 
 
@@ -59,19 +60,29 @@ def classification_outputs(learner: MetaLearner, batch: TaskBatch, steps: tuple[
     learners give the softmax of their adapted weights. Tasks run ``chunk`` at a time to bound memory.
     ``predictive="mean"``: the softmax of the predictive's mean instead (:func:`predictive_probabilities`).
     """
+    return classification_outputs_by_predictive(learner, batch, steps, num_samples, seed, chunk, (predictive,))[predictive]
+
+
+def classification_outputs_by_predictive(learner: MetaLearner, batch: TaskBatch, steps: tuple[int, ...],
+                                         num_samples: int = 16, seed: int = 12345, chunk: int = 50,
+                                         predictives: tuple[str, ...] = PREDICTIVES
+                                         ) -> dict[str, dict[int, torch.Tensor]]:
+    """:func:`classification_outputs` for several readings of the same predictive at once (one adaptation and one
+    ``predict`` per step serve them all): ``{predictive: {step: [T, M, classes]}}``."""
     noise_gen = torch.Generator(device=learner.device).manual_seed(seed + 1)
-    wanted, out = set(steps), {k: [] for k in sorted(set(steps))}
+    wanted = set(steps)
+    out = {p: {k: [] for k in sorted(wanted)} for p in predictives}
     for start in range(0, batch.num_tasks, chunk):
         part = batch.select(slice(start, start + chunk))
 
         def record(step: int, posterior, part=part) -> None:
             if step in wanted:
-                probs = predictive_probabilities(learner, posterior, part.x_val.to(learner.device), num_samples, noise_gen,
-                                                 predictive)
-                out[step].append(probs.cpu())
+                pred = learner.predict(posterior, part.x_val.to(learner.device), num_samples, noise_gen)
+                for p in predictives:
+                    out[p][step].append(class_probabilities(learner, pred, p).cpu())
 
         learner.adapt(part.x_train, part.y_train, steps=max(steps), generator=noise_gen, callback=record)
-    return {k: torch.cat(v) for k, v in out.items()}
+    return {p: {k: torch.cat(v) for k, v in by_step.items()} for p, by_step in out.items()}
 
 
 def evaluate_classification(learner: MetaLearner, tasks, steps: tuple[int, ...] = (0, 1, 5, 10),
@@ -88,9 +99,9 @@ def evaluate_classification(learner: MetaLearner, tasks, steps: tuple[int, ...] 
     batch = tasks.sample(num_tasks, torch.Generator().manual_seed(seed))
     labels = batch.y_val
     result: dict[int, dict[str, float]] = {}
+    outputs = classification_outputs_by_predictive(learner, batch, steps, num_samples, seed, chunk, ("bma", "mean"))
     for predictive, suffix in (("bma", ""), ("mean", "_mean")):
-        probs = classification_outputs(learner, batch, steps, num_samples, seed, chunk, predictive)
-        for k, p in probs.items():
+        for k, p in outputs[predictive].items():
             accuracy, ci95 = mean_ci95((p.argmax(-1) == labels).float().mean(1))
             cal = calibration_errors(p, labels, num_bins=num_bins)
             nll = float(-p.clamp_min(1e-12).log().gather(-1, labels.unsqueeze(-1)).mean())
