@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from hbmeta.models.hierarchical import HierarchicalModel
+from hbmeta.models.saved_tensors import untracked
 
 __all__ = ["cg_direction", "ggn_diagonal"]
 
@@ -46,6 +47,7 @@ def ggn_diagonal(pullback, factor: Tensor, shape: torch.Size, probes: int, gener
     return total / probes
 
 
+@untracked()
 def cg_direction(model: HierarchicalModel, m: Tensor, x: Tensor, y: Tensor, prior_loc: Tensor, prior_var: Tensor,
                  cg_steps: int, probes: int = 1, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """The truncated-CG Gauss-Newton direction ``d [T, P]`` at ``m`` and the estimated ``diag(J^T H J)`` ``[T, P]``."""

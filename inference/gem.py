@@ -28,6 +28,7 @@ from hbmeta.models.guides import Guide
 from hbmeta.models.hierarchical import HierarchicalModel
 from hbmeta.models.posterior import Posterior
 from hbmeta.models.priors import Prior
+from hbmeta.models.saved_tensors import untracked
 
 __all__ = ["gem_gradient", "mc_gem_gradient", "gem_bml_gradient", "gem_plus_gradient", "gem_plus_posteriors",
            "likelihood_gem_gradient", "shared_gem_gradient", "GEM_PLUS_MODES", "HIDDEN_GRADIENTS", "LIKELIHOOD_PREFIX", "SHARED_PREFIX", "GEMAlgorithm", "GEMBML", "GEMBMLPlus",
@@ -40,6 +41,7 @@ GEM_PLUS_MODES = ("sequential", "joint", "restart")
 HIDDEN_GRADIENTS = ("fisher", "implicit", "implicit-predictive")
 
 
+@untracked()
 def mc_gem_gradient(prior: Prior, posterior: Posterior, num_samples: int = 64,
                     generator: torch.Generator | None = None) -> dict[str, Tensor]:
     r"""Monte-Carlo GEM for ANY prior and ANY guide one can sample from.
@@ -69,6 +71,7 @@ def gem_gradient(prior: Prior, posterior: Posterior, closed_form: bool = True, n
     return mc_gem_gradient(prior, posterior, num_samples, generator)
 
 
+@untracked()
 def likelihood_gem_gradient(model: HierarchicalModel, posterior: Posterior, x: Tensor, y: Tensor
                             ) -> dict[str, Tensor]:
     r"""Per-task GEM gradient of the likelihood's learnable parameters ``phi`` (a noise scale, a temperature).

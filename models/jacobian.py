@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from hbmeta.models.functional import BatchedNet
+from hbmeta.models.saved_tensors import untracked
 
 __all__ = ["output_jacobian", "mlp_jacobian", "vjp_jacobian"]
 
@@ -39,6 +40,7 @@ def output_jacobian(net: BatchedNet, theta: Tensor, x: Tensor) -> tuple[Tensor, 
     return vjp_jacobian(net, theta, x)
 
 
+@untracked()
 def vjp_jacobian(net: BatchedNet, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """Reverse-mode Jacobian of any :class:`BatchedNet`: ``N O`` vector-Jacobian products, vmapped."""
     num_tasks, num_points = x.shape[:2]

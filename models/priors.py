@@ -21,10 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from hbmeta.models.posterior import Posterior
+from hbmeta.models.saved_tensors import untracked
 
 __all__ = ["Prior", "DiagonalGaussianPrior", "ParticlePrior", "expectation_gradient"]
 
 
+@untracked()
 def expectation_gradient(expected_log_prob, params: dict[str, Tensor], posterior: Posterior) -> dict[str, Tensor]:
     r"""Per-task ``grad_Theta E_q log p(theta; Theta)`` from a closed-form expectation, by autograd.
 

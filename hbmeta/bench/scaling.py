@@ -4,10 +4,10 @@ Every algorithm meta-trains the miniImageNet conv4 body (:meth:`hbmeta.models.co
 conv, 32 filters, batch norm, ReLU, 2x2 max-pool], 84 x 84 RGB inputs) on 5-way 1-shot meta-batches of
 4 tasks, at inner steps 1, 2, 5, 10, 20, side by side in ONE run (the same protocol as ``bench step``:
 rotated order, the same batch for every pair, median time, and the peak of live bytes saved for backward
-from :func:`hbmeta.bench.step.peak_saved_bytes`). Inputs are random tensors: timing does not depend on pixels.
+from :func:`hbmeta.models.saved_tensors.peak_saved_bytes`). Inputs are random tensors: timing does not depend on pixels.
 
 Each algorithm uses its miniImageNet recipe (:func:`hbmeta.experiments.registry.classification_defaults`) with the
-inner-step count overridden. The paper's claim to check: GEM-BML+'s memory is flat in the inner steps and
+inner-step count overridden (GEM-BML+ and iBaML: conv body shared and hidden, Bayesian head by Gauss-Newton VI). The paper's claim to check: GEM-BML+'s memory is flat in the inner steps and
 its time is close to FOMAML / Reptile, while MAML and ABML grow in both.
 """
 
@@ -62,6 +62,7 @@ def _learner(algorithm: str, steps: int, config: ScalingBenchConfig) -> MetaLear
     """A fresh learner with the algorithm's miniImageNet recipe, ``steps`` inner steps, conv4 at ``image_size``."""
     from hbmeta.experiments import TrainConfig, resolve_config
     from hbmeta.models.conv import Conv4
+    from hbmeta.models.functional import BatchedNet
     from hbmeta.models.likelihoods import CategoricalLikelihood
 
     c = resolve_config(TrainConfig.from_flat(experiment="miniimagenet", algorithm=algorithm, ways=config.ways,
@@ -70,8 +71,10 @@ def _learner(algorithm: str, steps: int, config: ScalingBenchConfig) -> MetaLear
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         net = Conv4(in_channels=3, num_classes=config.ways, filters=32, strided=False, image_size=config.image_size)
-    return MetaLearner(net.to(config.device), CategoricalLikelihood(), algorithm=algorithm, guide=c.model.guide,
-                       inner=c.inner_config(), meta_lr=c.meta_lr, prior_scale=c.model.prior_scale, max_prior_scale=c.model.prior_scale_ceiling)
+    batched = BatchedNet(net.to(config.device), hide=c.model.hide_names())  # the recipe's Bayesian part
+    return MetaLearner(batched, CategoricalLikelihood(), algorithm=algorithm, guide=c.model.guide,
+                       inner=c.inner_config(), meta_lr=c.meta_lr, prior_scale=c.model.prior_scale,
+                       max_prior_scale=c.model.prior_scale_ceiling, hidden_gradient=c.inner.hidden_gradient or "fisher")
 
 
 def run_scaling_benchmark(config: ScalingBenchConfig | None = None, progress: bool = False) -> dict:

@@ -9,7 +9,7 @@ same task batch, so machine noise hits all alike. Reported per pair:
 - **ms/iter**: median wall time (``time.perf_counter``, CUDA synchronised) of ``MetaLearner.meta_step``
   over ``repeats`` repetitions after ``warmup`` untimed ones;
 - **saved MiB**: the *peak of live saved-for-backward bytes* during one meta-step, measured in a separate,
-  untimed meta-step with :func:`torch.autograd.graph.saved_tensors_hooks`. The pack hook records the
+  untimed meta-step with :func:`hbmeta.models.saved_tensors.peak_saved_bytes` (saved-tensor hooks). The pack hook records the
   saved tensor's storage (``untyped_storage().nbytes()``, deduplicated by ``data_ptr`` with a reference
   count) and returns a small holder whose :func:`weakref.finalize` releases the count when autograd frees
   the saved tensor (after ``backward`` without ``retain_graph``, or when the graph is dropped). The
@@ -31,7 +31,6 @@ import math
 import platform
 import statistics
 import time
-import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from hbmeta.inference.inner import InnerConfig
 from hbmeta.inference.learner import MetaLearner, default_inner
 from hbmeta.models.functional import mlp
 from hbmeta.models.likelihoods import GaussianLikelihood
+from hbmeta.models.saved_tensors import peak_saved_bytes
 from hbmeta.tasks.sinusoid import SinusoidTasks
 
 __all__ = ["rotated_timings", "StepBenchConfig", "TorchGemPlus", "peak_saved_bytes", "run_step_benchmark", "format_step_table",
@@ -140,38 +140,6 @@ class TorchGemPlus:
         self.mu.grad = -((m2 - m1) / var).mean(0)
         self.log_sigma.grad = -((s2.pow(2) + (m2 - mu).pow(2) - s1.pow(2) - (m1 - mu).pow(2)) / var).mean(0)
         self.meta_opt.step()
-
-
-def peak_saved_bytes(fn, *args) -> int:
-    """Peak of live, storage-deduplicated bytes saved for backward while ``fn(*args)`` runs (module docstring)."""
-    live: dict[int, list[int]] = {}
-    state = {"now": 0, "peak": 0}
-
-    class Holder:
-        __slots__ = ("tensor", "__weakref__")
-
-    def release(key: int) -> None:
-        live[key][1] -= 1
-        if live[key][1] == 0:
-            state["now"] -= live.pop(key)[0]
-
-    def pack(t: Tensor) -> Holder:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key in live:
-            live[key][1] += 1
-        else:
-            live[key] = [storage.nbytes(), 1]
-            state["now"] += storage.nbytes()
-            state["peak"] = max(state["peak"], state["now"])
-        holder = Holder()
-        holder.tensor = t
-        weakref.finalize(holder, release, key)  # runs when autograd drops the saved tensor
-        return holder
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.tensor):
-        fn(*args)
-    return state["peak"]
 
 
 def _runner(name: str, steps: int | None, config: StepBenchConfig):

@@ -234,8 +234,11 @@ def _print_evaluation(evaluation: dict) -> None:
             print(f"  R^2 after {k:>2} steps: mean {v['r2_mean']:.4f} ± {v['ci95']:.4f}, median {v['r2_median']:.4f} "
                   f"({v['num_tasks']} assays)")
         elif "accuracy" in v:
-            print(f"  accuracy after {k:>2} steps: {100 * v['accuracy']:.2f} ± {100 * v['ci95']:.2f} %   "
-                  f"ECE {v['ece']:.4f}  MCE {v['mce']:.4f} ({v['num_bins']} bins)")
+            line = (f"  accuracy after {k:>2} steps: {100 * v['accuracy']:.2f} ± {100 * v['ci95']:.2f} %   "
+                    f"ECE {v['ece']:.4f}  MCE {v['mce']:.4f} ({v['num_bins']} bins)")
+            if "ece_mean" in v and (v["ece_mean"], v["accuracy_mean"]) != (v["ece"], v["accuracy"]):
+                line += f"; posterior mean's prediction {100 * v['accuracy_mean']:.2f} %, ECE {v['ece_mean']:.4f}"
+            print(line)
         else:
             print(f"  meta-test MSE after {k:>2} steps: {v['mse']:.4f} ± {v['ci95']:.4f}")
 

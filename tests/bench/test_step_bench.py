@@ -63,6 +63,26 @@ def test_peak_saved_bytes_counts_live_graphs_not_freed_ones():
     assert peak_saved_bytes(three_graphs_alive) == 4000 + 3 * 4000  # x deduplicated, three exp(x) outputs
 
 
+def test_package_torch_func_transforms_run_under_the_tracker_and_outer_graphs_still_count():
+    """``torch.func`` refuses saved-tensor hooks; the package's transforms lift them (``untracked``) and the
+    tracker resumes after: a conv net's VJP Jacobian runs, and the outer graph's saved bytes are counted."""
+    from hbmeta.models.conv import Conv4
+    from hbmeta.models.functional import BatchedNet
+    from hbmeta.models.jacobian import vjp_jacobian
+
+    net = BatchedNet(Conv4(in_channels=1, num_classes=2, filters=4, image_size=16))
+    theta = torch.randn(2, net.num_params) * 0.1
+    x = torch.rand(2, 3, 1, 16, 16)
+    w = torch.zeros(1000, requires_grad=True)
+
+    def jacobian_then_graph():
+        _, jac = vjp_jacobian(net, theta, x)
+        assert jac.shape == (2, 3, 2, net.num_params)
+        return (w.exp() * w).sum()  # saves w and exp(w): 8000 bytes, alive at the end
+
+    assert peak_saved_bytes(jacobian_then_graph) == 8000
+
+
 def test_table_and_output_files(result, tmp_path):
     table = format_step_table(result)
     assert table.startswith("| algorithm |") and "gem-bml+" in table and LOWER_BOUND in table
