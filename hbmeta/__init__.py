@@ -24,7 +24,7 @@ from hbmeta.inference import (ALGORITHMS, InnerConfig, InnerLoopDivergedError, M
                               gem_gradient, gem_plus_gradient)
 from hbmeta.tasks import SinusoidTasks
 from hbmeta.experiments import EXPERIMENTS, TrainConfig
-from hbmeta.training import CheckpointError, load_checkpoint, load_learner, save_checkpoint, train
+from hbmeta.training import CheckpointError, keep_freed_memory, load_checkpoint, load_learner, save_checkpoint, train
 from hbmeta.evaluation import evaluate_regression
 
 __version__ = "0.1.0"
@@ -34,5 +34,5 @@ __all__ = [
     "InnerLoopDivergedError", "HierarchicalModel", "DiagonalGaussianPrior", "MeanFieldGuide", "DeltaGuide",
     "FullCovarianceGuide", "GaussianLikelihood", "CategoricalLikelihood", "Posterior", "BatchedNet", "mlp",
     "SinusoidTasks", "TrainConfig", "train", "load_learner", "evaluate_regression", "EXPERIMENTS",
-    "save_checkpoint", "load_checkpoint", "CheckpointError", "make_prior",
+    "save_checkpoint", "load_checkpoint", "CheckpointError", "make_prior", "keep_freed_memory",
 ]

@@ -32,13 +32,16 @@ from hbmeta.models.priors import DiagonalGaussianPrior, Prior
 __all__ = ["batch_adaptation_metrics", "prior_scale_statistics"]
 
 
-def _log_likelihood_at_mean(model: HierarchicalModel, posterior: Posterior, x: Tensor, y: Tensor) -> Tensor:
-    """``log p(D | m)`` per task ``[T]``; latents besides the weights at their posterior medians."""
+def _log_likelihood_at_mean(model: HierarchicalModel, posterior: Posterior, x: Tensor, y: Tensor,
+                            f: Tensor | None = None) -> Tensor:
+    """``log p(D | m)`` per task ``[T]``; latents besides the weights at their posterior medians. ``f``: the
+    outputs ``f(x; m)`` ``[T, N, ...]`` if already computed."""
     likelihood = model.likelihood
     if posterior.latents:
         sites = model.latent_sites(x, y)
         likelihood = likelihood.condition({n: sites[n].constrain(p.loc) for n, p in posterior.latents.items()})
-    return likelihood.log_prob(model.net(posterior.loc.unsqueeze(0), x), y)[0]
+    f = model.net(posterior.loc.unsqueeze(0), x)[0] if f is None else f
+    return likelihood.log_prob(f.unsqueeze(0), y)[0]
 
 
 @torch.no_grad()
@@ -46,9 +49,9 @@ def batch_adaptation_metrics(model: HierarchicalModel, posterior: Posterior, bat
     """The module docstring's numbers for ``posterior`` (fitted to ``batch``'s support sets) under ``model``'s prior."""
     points = batch.x_train.shape[1]
     support = -_log_likelihood_at_mean(model, posterior, batch.x_train, batch.y_train) / points
-    query = -_log_likelihood_at_mean(model, posterior, batch.x_val, batch.y_val) / batch.x_val.shape[1]
+    f = model.net(posterior.loc.unsqueeze(0), batch.x_val)[0]  # one forward pass for every query number
+    query = -_log_likelihood_at_mean(model, posterior, batch.x_val, batch.y_val, f) / batch.x_val.shape[1]
     out = {"batch_support_nll": float(support.mean()), "batch_query_nll": float(query.mean())}
-    f = model.net(posterior.loc.unsqueeze(0), batch.x_val)[0]
     # a Pyro program's point loss is its negative log-likelihood per point, which needs the latents: query_nll
     loss = query if model.likelihood.is_program else model.likelihood.point_loss(f, batch.y_val)
     out["batch_query_loss"] = float(loss.mean())

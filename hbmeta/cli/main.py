@@ -538,8 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                "gradient-study": _cmd_gradient_study, "bench": _cmd_bench, "diagnose": _cmd_diagnose,
                "calibrate": _cmd_calibrate, "summary": _cmd_summary,
                "compare": _cmd_compare}[args.command]
-    from hbmeta.training.runtime import torch_threads
+    from hbmeta.training.runtime import keep_freed_memory, torch_threads
 
+    keep_freed_memory()  # reuse freed CPU blocks (the Gauss-Newton step's temporaries); HBMETA_MALLOC=system skips
     try:
         with torch_threads(getattr(args, "threads", 1)):  # 1 CPU thread is fastest for the small nets
             return handler(args)

@@ -12,7 +12,8 @@ mixed precision and meta-RL training.
 from hbmeta.training.loop import train
 from hbmeta.training.runs import (CheckpointError, TrainResult, atomic_write_text, build_learner, iteration_generators,
                                   load_checkpoint, load_learner, save_checkpoint)
-from hbmeta.training.runtime import resolve_device, torch_threads
+from hbmeta.training.runtime import keep_freed_memory, resolve_device, torch_threads
 
 __all__ = ["train", "TrainResult", "iteration_generators", "build_learner", "load_learner", "save_checkpoint",
-           "load_checkpoint", "atomic_write_text", "CheckpointError", "resolve_device", "torch_threads"]
+           "load_checkpoint", "atomic_write_text", "CheckpointError", "resolve_device", "torch_threads",
+           "keep_freed_memory"]

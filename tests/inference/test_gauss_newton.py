@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hbmeta.inference.batch import TaskBatch
-from hbmeta.inference.gauss_newton import gauss_newton_fit
+from hbmeta.inference.gauss_newton import gauss_newton_fit, map_objective, prior_term_along
 from hbmeta.inference.gem import gem_gradient, gem_plus_posteriors
 from hbmeta.inference.inner import InnerConfig, InnerLoopDivergedError, fit_posterior
 from hbmeta.models import CategoricalLikelihood, DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel, MeanFieldGuide
@@ -119,6 +119,24 @@ def test_line_search_lowers_the_map_objective_every_step_on_a_nonlinear_net():
     values = torch.stack(values)
     assert (values[1:] <= values[:-1] + 1e-9).all()
     assert (values[-1] < values[0] - 1.0).all()
+
+
+def test_line_search_prior_term_along_the_direction_equals_the_objective_evaluated_at_each_candidate():
+    """The line search scores its candidates with the prior term as a quadratic in the step (three reductions over
+    ``[T, P]``); the reference is :func:`map_objective` evaluated at every candidate ``m + t d`` (``[H, T, P]``)."""
+    torch.manual_seed(0)
+    net = BatchedNet(mlp(1, (40, 40), 1).double())
+    model = HierarchicalModel(net, DiagonalGaussianPrior(net.initial_vector(), torch.tensor(0.0, dtype=D)), GaussianLikelihood(0.3))
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 10, 1, generator=g, dtype=D) * 10 - 5
+    y = torch.sin(x)
+    m, d = torch.randn(2, 4, net.num_params, generator=g, dtype=D)
+    loc, var = torch.randn(net.num_params, generator=g, dtype=D), torch.rand(4, net.num_params, generator=g, dtype=D) + 0.1
+    steps = torch.rand(5, 4, generator=g, dtype=D) * 2
+    trial = m + steps.unsqueeze(-1) * d
+    reference = map_objective(model, trial, x, y, loc, var)
+    fast = map_objective(model, trial, x, y, loc, var, prior_term=prior_term_along(m, d, loc, var, steps))
+    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=0)
 
 
 def test_gauss_newton_stops_once_every_task_converged_with_the_posterior_of_running_every_step(monkeypatch):
