@@ -255,17 +255,22 @@ class MetaLearner:
         """
         return self.spec.meta_gradient(self, batch, generator)
 
-    def meta_step(self, batch: TaskBatch, generator: torch.Generator | None = None) -> dict[str, float]:
+    def meta_step(self, batch: TaskBatch, generator: torch.Generator | None = None, metrics: bool = True
+                  ) -> dict[str, float]:
         """One meta-update (Algorithm 1, lines 4-10). Returns numbers to log: ``grad_norm``; where the algorithm fits
         posteriors on the way (GEM-BML, GEM-BML+), how that adaptation did on this meta-batch before the prior moved
         (``batch_support_nll``, ``batch_query_nll``, ``batch_query_loss``, ``batch_query_accuracy``, ``batch_kl``,
         ``batch_inner_elbo``: :mod:`hbmeta.inference.metrics`); and the prior's scale after the step
-        (``prior_scale``, ``prior_scale_min`` / ``_median`` / ``_max``) where it has one."""
+        (``prior_scale``, ``prior_scale_min`` / ``_median`` / ``_max``) where it has one. With ``metrics=False`` only
+        ``grad_norm``: the adaptation numbers cost two forward passes and a median over the weights (about a tenth
+        of a sinusoid GEM-BML+ step), so the training loop asks for them only on the iterations it logs."""
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"meta_step takes a TaskBatch (e.g. SinusoidTasks().sample(25)); got {type(batch).__name__}")
         _check_inputs(batch.x_train, "meta_step: x_train")
         batch = batch.to(self.device)
         grads, posterior = self.spec.meta_gradient_and_posterior(self, batch, generator)
+        if not metrics:
+            return self.apply_meta_gradient(grads)
         adapted = {} if posterior is None else batch_adaptation_metrics(self.model, posterior, batch)
         return {**self.apply_meta_gradient(grads), **adapted, **prior_scale_statistics(self.prior)}
 

@@ -13,6 +13,7 @@ its time is close to FOMAML / Reptile, while MAML and ABML grow in both.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import statistics
@@ -92,7 +93,7 @@ def run_scaling_benchmark(config: ScalingBenchConfig | None = None, progress: bo
 def _run(config: ScalingBenchConfig, progress: bool) -> dict:
     sync = torch.cuda.synchronize if config.device.startswith("cuda") else (lambda: None)
     pairs = [(a, k) for k in config.steps for a in config.algorithms]
-    runners = {p: _learner(*p, config).meta_step for p in pairs}
+    runners = {p: functools.partial(_learner(*p, config).meta_step, metrics=False) for p in pairs}  # as bench step
     data_gen = torch.Generator().manual_seed(config.seed)
     noise_gen = torch.Generator(device=config.device).manual_seed(config.seed + 1)
     batch = random_image_batch(config, data_gen).to(config.device)

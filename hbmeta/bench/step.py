@@ -6,7 +6,9 @@ query) at several inner-step counts, and GEM-BML+ and MAML also at their own def
 5 SGD steps), in ONE run: each repetition times every (algorithm, steps) pair once, in a rotated order, on the
 same task batch, so machine noise hits all alike. Reported per pair:
 
-- **ms/iter**: median wall time (``time.perf_counter``, CUDA synchronised) of ``MetaLearner.meta_step``
+- **ms/iter**: median wall time (``time.perf_counter``, CUDA synchronised) of ``MetaLearner.meta_step(metrics=False)``
+  (the meta-update without the logging numbers that only posterior algorithms compute; the training loop asks for
+  them only on the iterations it logs)
   over ``repeats`` repetitions after ``warmup`` untimed ones;
 - **saved MiB**: the *peak of live saved-for-backward bytes* during one meta-step, measured in a separate,
   untimed meta-step with :func:`hbmeta.models.saved_tensors.peak_saved_bytes` (saved-tensor hooks). The pack hook records the
@@ -26,6 +28,7 @@ math, same SGD inner optimiser, so ``hbmeta svi / lower bound`` is the price of 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import platform
@@ -161,7 +164,7 @@ def _runner(name: str, steps: int | None, config: StepBenchConfig):
     if name == LOWER_BOUND:
         return TorchGemPlus(net, inner, config.noise_scale, device=config.device).meta_step
     learner = MetaLearner(net, GaussianLikelihood(config.noise_scale), algorithm=algorithm, inner=inner).to(config.device)
-    return learner.meta_step
+    return functools.partial(learner.meta_step, metrics=False)  # as the training loop between its log lines
 
 
 def run_step_benchmark(config: StepBenchConfig | None = None) -> dict:

@@ -100,9 +100,10 @@ def _train(config: TrainConfig, run_dir: str | Path, resume: bool, progress: boo
     with MetricsLog(run_dir, tensorboard) as metrics:
         for it in bar:
             task_gen, noise_gen = iteration_generators(config.seed, it, device)
+            logged = (it + 1) % config.log_every == 0 or it + 1 == end  # the adaptation numbers only when written
             with amp_autocast(config.amp, device, config.algorithm):
                 if scheduler is None:
-                    info = learner.meta_step(tasks.sample(config.meta_batch, task_gen), noise_gen)
+                    info = learner.meta_step(tasks.sample(config.meta_batch, task_gen), noise_gen, metrics=logged)
                 else:  # a pool of candidates, the scheduler picks meta_batch of them (docs/ats.md)
                     info, pool = scheduled_meta_step(learner, scheduler, tasks, config.meta_batch, config.scheduler.pool_size,
                                                      it / max(config.iterations, 1), task_gen, noise_gen,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hbmeta.inference.batch import TaskBatch
-from hbmeta.inference.gauss_newton import gauss_newton_fit, map_objective, prior_term_along
+from hbmeta.inference.gauss_newton import gauss_newton_direction, gauss_newton_fit, map_objective, prior_term_along
 from hbmeta.inference.gem import gem_gradient, gem_plus_posteriors
 from hbmeta.inference.inner import InnerConfig, InnerLoopDivergedError, fit_posterior
 from hbmeta.models import CategoricalLikelihood, DiagonalGaussianPrior, GaussianLikelihood, HierarchicalModel, MeanFieldGuide
@@ -137,6 +137,31 @@ def test_line_search_prior_term_along_the_direction_equals_the_objective_evaluat
     reference = map_objective(model, trial, x, y, loc, var)
     fast = map_objective(model, trial, x, y, loc, var, prior_term=prior_term_along(m, d, loc, var, steps))
     torch.testing.assert_close(fast, reference, rtol=1e-12, atol=0)
+
+
+def test_line_search_takes_what_scoring_every_candidate_at_once_takes():
+    """The line search (analytic prior term, one batched pass) against the reference: every candidate of every task
+    scored by :func:`map_objective`, keeping per task the largest step that lowers the objective.
+    A wide prior and a sharp likelihood make some tasks reject the full step and take a shorter one (checked)."""
+    torch.manual_seed(0)
+    net = BatchedNet(mlp(1, (40, 40), 1).double())
+    prior = DiagonalGaussianPrior(net.initial_vector(), torch.tensor(1.0, dtype=D).log())
+    model = HierarchicalModel(net, prior, GaussianLikelihood(0.1))
+    g = torch.Generator().manual_seed(0)
+    x = 10 * torch.rand(6, 10, 1, generator=g, dtype=D) - 5
+    y = 5 * torch.sin(3 * x)
+    start = prior.initial_posterior(6)
+    loc, var = prior.mu.detach(), prior.scale.detach().square().expand(6, -1)
+    m = start.loc.detach()
+    direction = gauss_newton_direction(model, m, x, y, loc, var)[0]
+    steps = (0.5 ** torch.arange(5, dtype=D)).unsqueeze(1).expand(5, 6)
+    scores = map_objective(model, m + steps.unsqueeze(-1) * direction, x, y, loc, var)
+    better = scores < map_objective(model, m, x, y, loc, var)
+    assert bool((better.any(0) & ~better[0]).any())  # some task rejects its full step and takes a shorter one
+    chosen = steps[better.to(torch.int8).argmax(0), 0] * better.any(0)  # a task no candidate helps stays
+    expected = m + chosen.unsqueeze(-1) * direction
+    fitted = gauss_newton_fit(model, x, y, start, loc, var, steps=1, kind="delta")
+    torch.testing.assert_close(fitted.loc, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_gauss_newton_stops_once_every_task_converged_with_the_posterior_of_running_every_step(monkeypatch):

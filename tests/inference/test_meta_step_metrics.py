@@ -51,3 +51,13 @@ def test_classification_reports_accuracy_and_point_estimates_only_their_gradient
     assert out["batch_query_accuracy"] == pytest.approx(float(accuracy))
     maml = _learner("maml").meta_step(SinusoidTasks().sample(2, g), g)
     assert "grad_norm" in maml and not any(k.startswith("batch_") for k in maml)
+
+
+def test_meta_step_without_metrics_makes_the_same_update_and_reports_only_the_gradient_norm():
+    batch = SinusoidTasks().sample(4, torch.Generator().manual_seed(1))
+    with_metrics, without = _learner("gem-bml+"), _learner("gem-bml+")
+    full = with_metrics.meta_step(batch, torch.Generator().manual_seed(2))
+    bare = without.meta_step(batch, torch.Generator().manual_seed(2), metrics=False)
+    assert set(bare) == {"grad_norm"} and bare["grad_norm"] == full["grad_norm"] and "batch_support_nll" in full
+    for (name, a), b in zip(with_metrics.prior.named_parameters(), without.prior.parameters()):
+        assert torch.equal(a, b), name
