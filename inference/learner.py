@@ -110,14 +110,18 @@ def step_prior(prior: Prior, optimizer: torch.optim.Optimizer, grads: dict[str, 
 FULL_COVARIANCE_WARN_PARAMS = 2000
 
 
-def _check_inputs(t, what: str, features: bool = True) -> None:
+def _check_inputs(t, what: str, features: bool = True, dtype: torch.dtype | None = None) -> None:
     """A tensor of task data: ``[tasks, points, features...]`` for inputs (a 2-d array would be read as one-point
-    tasks), ``[tasks, points, ...]`` for targets."""
+    tasks), ``[tasks, points, ...]`` for targets; inputs in the weights' floating-point ``dtype`` if given (the
+    network's matrix products would otherwise fail deep inside with "expected scalar type ...")."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor; got {type(t).__name__} (convert it with torch.as_tensor)")
     if features and t.dim() < 3:
         raise ValueError(f"{what} must be [tasks, points, features...] (3 or more dims); got shape {tuple(t.shape)}: "
                          f"for one task add a leading dimension, x[None]")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{what} is {t.dtype} but the learner's weights are {dtype}: convert the data with "
+                        f"x.to({dtype})")
 
 
 def _warn_if_costly(guide: Guide, num_params: int) -> None:
@@ -177,6 +181,7 @@ class MetaLearner:
     hide: tuple = ()
     hidden_gradient: str = "fisher"
     iteration: int = field(default=0, init=False)
+    _inputs_taken: set = field(default_factory=set, init=False, repr=False)  # per-point input shapes the net took
 
     def __post_init__(self) -> None:
         if not isinstance(self.net, (nn.Module, BatchedNet)):
@@ -266,7 +271,10 @@ class MetaLearner:
         of a sinusoid GEM-BML+ step), so the training loop asks for them only on the iterations it logs."""
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"meta_step takes a TaskBatch (e.g. SinusoidTasks().sample(25)); got {type(batch).__name__}")
-        _check_inputs(batch.x_train, "meta_step: x_train")
+        _check_inputs(batch.x_train, "meta_step: x_train", dtype=self.dtype)
+        _check_inputs(batch.x_val, "meta_step: x_val", dtype=self.dtype)
+        self._check_network_takes(batch.x_train, "meta_step: x_train")
+        self._check_network_takes(batch.x_val, "meta_step: x_val")
         batch = batch.to(self.device)
         grads, posterior = self.spec.meta_gradient_and_posterior(self, batch, generator)
         if not metrics:
@@ -291,6 +299,31 @@ class MetaLearner:
     def device(self) -> torch.device:
         return self.prior.loc.device
 
+    def _check_network_takes(self, x: Tensor, what: str) -> None:
+        """A one-line ``ValueError`` if the network cannot take inputs shaped like ``x``'s points (found by one forward
+        pass of the prior mean on one point, once per per-point shape), instead of a matrix-size error deep inside
+        the inner update."""
+        key = tuple(x.shape[2:])
+        net = self.model.net
+        if net.is_plain_mlp:  # its batched matmuls would broadcast extra dims instead of failing
+            width = next(m for m in net.module if isinstance(m, nn.Linear)).in_features
+            if key != (width,):
+                raise ValueError(f"{what}: the MLP takes inputs [tasks, points, {width}]; got {tuple(x.shape)}")
+        if key in self._inputs_taken or x.shape[0] == 0 or x.shape[1] == 0:
+            return
+        try:
+            with torch.no_grad():
+                self.model.net(self.prior.loc.detach().unsqueeze(0), x[:1, :1].to(self.device))
+        except RuntimeError as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{what}: the network cannot take inputs of shape {key} per point ({reason})") from None
+        self._inputs_taken.add(key)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point type of the weights; task inputs must have it."""
+        return self.prior.loc.dtype
+
     def adapt(self, x: Tensor, y: Tensor, steps: int | None = None, inner: InnerConfig | None = None,
               generator: torch.Generator | None = None, callback=None) -> Posterior:
         """Meta-test (Algorithm 1): fit each task's posterior from the learned prior on ``(x, y)``.
@@ -299,9 +332,10 @@ class MetaLearner:
         the prior mean and return a point-mass posterior; iMAML solves its proximal inner problem (as in
         meta-training); BMAML runs SVGD from its particles and returns them. ``x [T, K, ...]``, ``y [T, K, ...]``.
         """
-        _check_inputs(x, "adapt: x")
+        _check_inputs(x, "adapt: x", dtype=self.dtype)
         _check_inputs(y, "adapt: y", features=False)
         check_task_data(x, y, "adaptation data")
+        self._check_network_takes(x, "adapt: x")
         self.likelihood.check_targets(y, x)
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
             raise ValueError(f"adapt: steps must be an integer >= 0 (or None for the inner update's); got {steps!r}")
@@ -329,13 +363,14 @@ class MetaLearner:
         """
         if not isinstance(posterior, Posterior):
             raise TypeError(f"predict: posterior must be a Posterior (from adapt); got {type(posterior).__name__}")
-        _check_inputs(x, "predict: x")
+        _check_inputs(x, "predict: x", dtype=self.dtype)
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"predict: num_samples must be an integer >= 1; got {num_samples!r}")
         if x.shape[0] != posterior.num_tasks:
             raise ValueError(f"predict: x has {x.shape[0]} tasks but the posterior has {posterior.num_tasks}")
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError("predict: x contains NaN or inf")
+        self._check_network_takes(x, "predict: x")
         x = x.to(self.device)
         if posterior.has_laplace:
             predictive = self._linearised_predictive(posterior, x, num_samples, generator)

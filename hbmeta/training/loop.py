@@ -49,6 +49,9 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
     if not str(run_dir).strip():
         raise ValueError("the run folder (--out) is empty; name a folder, e.g. --out runs/sinusoid")
     run_dir = Path(run_dir)
+    if resume and not run_dir.exists():  # before the lock, which would create the folder
+        raise FileNotFoundError(f"--resume: the run folder {run_dir} does not exist, so there is nothing to resume; "
+                                f"drop --resume to start a new run there")
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 writes (and checks) the run folder
         return _train_any(config, run_dir, resume, progress, stop_after, tensorboard)
     with RunLock(run_dir):

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,15 +95,33 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def _check_zip_crc(path: Path) -> None:
+    """``torch.save`` writes a zip archive with a CRC-32 per entry, which ``torch.load`` does not verify: a flipped
+    byte inside a tensor loads silently as a wrong weight. Check every entry's CRC (one read of the file)."""
+    if not zipfile.is_zipfile(path):
+        return  # not a zip: torch.load says what it is
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its entry {bad!r} fails its checksum (CRC-32)")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain containers only)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
+    _check_zip_crc(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated / foreign files
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {err}") from err
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        reason = "its contents are damaged (not plain tensors and containers)" if "Weights only load failed" in lines[0] \
+            else lines[0][:200]  # torch's own messages run to many lines
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {reason}") from err
     if not isinstance(state, dict) or "learner" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not an hbmeta checkpoint (no 'learner' / 'config' entries)")
     return state

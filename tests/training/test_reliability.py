@@ -143,3 +143,42 @@ def test_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+def test_resume_into_a_folder_that_does_not_exist_says_so_and_creates_nothing(tmp_path, capsys):
+    from hbmeta.cli import main
+
+    missing = tmp_path / "no-such-run"
+    code = main(["train", "sinusoid", "--iterations", "2", "--resume", "--out", str(missing)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "does not exist" in err and "--resume" in err and len(err.splitlines()) == 1
+    assert not missing.exists()
+
+
+def test_readers_see_a_whole_checkpoint_while_a_run_is_being_written(tmp_path):
+    """A live writer (``hbmeta train`` in another process, a checkpoint every iteration) and a reader loading the
+    run over and over: every read is a whole checkpoint (atomic rename), its iteration never goes back, and the
+    CLI's readers say which iteration they read."""
+    import subprocess
+    import sys
+    import time
+
+    from hbmeta.training import load_learner
+
+    run = tmp_path / "live"
+    log = (tmp_path / "err.txt").open("wb")
+    writer = subprocess.Popen([sys.executable, "-m", "hbmeta.cli", "train", "sinusoid", "--iterations", "150",
+                               "--checkpoint-every", "1", "--log-every", "50", "--eval-tasks", "2", "--out", str(run),
+                               "--no-progress"], stdout=subprocess.DEVNULL, stderr=log)
+    seen, deadline = [], time.monotonic() + 120
+    try:
+        while writer.poll() is None and time.monotonic() < deadline:
+            if (run / "checkpoint.pt").is_file():
+                _, _, iteration = load_learner(run, "cpu")  # raises on a half-written file
+                seen.append(iteration)
+        assert writer.wait(timeout=120) == 0, (tmp_path / "err.txt").read_text()
+    finally:
+        writer.kill()
+        log.close()
+    assert len(seen) >= 5 and seen == sorted(seen) and len(set(seen)) > 1, seen[:20]
+    from hbmeta.cli import main
+    assert main(["summary", str(run)]) == 0
