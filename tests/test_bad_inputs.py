@@ -265,6 +265,9 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
 
 def test_resume_without_a_checkpoint_names_it(tmp_path, capsys):
     code, err = run_cli(["train", "sinusoid", "--out", str(tmp_path / "none"), "--resume", *TINY], capsys)
+    assert code == 2 and "does not exist" in err and not (tmp_path / "none").exists()  # and is not created
+    (tmp_path / "empty").mkdir()
+    code, err = run_cli(["train", "sinusoid", "--out", str(tmp_path / "empty"), "--resume", *TINY], capsys)
     assert code == 2 and "checkpoint not found" in err
 
 

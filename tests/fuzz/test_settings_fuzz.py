@@ -97,3 +97,36 @@ def test_cli_refuses_a_bad_flag_value_in_one_line_and_creates_no_run_folder(tmp_
     assert not out.exists()
     assert "Traceback" not in err.getvalue()
     assert any(name.replace("_", "-") in line or name in line for line in lines), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from hbmeta.training import train
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(TrainConfig(experiment="sinusoid", algorithm="maml", iterations=2, meta_batch=2, seed=0), out, progress=False)
+    return out
+
+
+@given(st.sampled_from(FLAGS), st.sampled_from(["nan", "-1", "abc", "1e400", ""]))
+def test_a_refused_resume_changes_no_file_of_the_run(finished_run, name, text):
+    """``hbmeta train --resume`` with a bad setting on a finished run: refused (exit 2), every file as it was."""
+    import contextlib
+    import hashlib
+    import io
+
+    r = RANGES[name]
+    try:
+        r.check(name, (int if r.kind is int else float)(text))
+        assume(False)
+    except (ValueError, TypeError, OverflowError):
+        pass
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in finished_run.rglob("*") if p.is_file()}
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(["train", "sinusoid", "--algo", "maml", "--resume", f"--{name.replace('_', '-')}={text}",
+                         "--out", str(finished_run)])
+        except SystemExit as exit_:
+            code = exit_.code
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in finished_run.rglob("*") if p.is_file()}
+    assert code == 2 and after == before
