@@ -70,3 +70,17 @@ def test_a_flipped_byte_inside_a_tensor_is_caught_by_the_checksum(run_dir, tmp_p
     _damage(copy / "checkpoint.pt", ("flip", [(0.16013621282363277, 68)]))
     with pytest.raises(CheckpointError, match="checksum"):
         load_learner(copy, "cpu")
+
+
+def test_a_damaged_end_of_archive_record_is_refused_in_one_line(run_dir, tmp_path):
+    """Found by a long run: a flipped byte in the zip's end-of-central-directory record made ``zipfile.is_zipfile``
+    itself raise (``BadZipFile``, "zipfiles that span multiple disks are not supported")."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    path = copy / "checkpoint.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) - 38] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as err:
+        load_learner(copy, "cpu")
+    assert "\n" not in str(err.value)
