@@ -391,6 +391,7 @@ def _cmd_compare(args) -> int:
     out = Path(args.out) if args.out is not None else _run_folder(args.runs[0]).parent / "compare"
     report = compare_runs(args.runs, out, num_tasks=args.tasks, seed=args.seed, device=args.device,
                           num_samples=args.samples, ic=args.ic)
+    print("checkpoints read: " + ", ".join(f"{name} at iteration {it}" for name, it in report["iterations"].items()))
     columns = [c for c in ("rank", f"elpd_{args.ic}", f"p_{args.ic}", "elpd_diff", "dse", "weight") if c in report["table"]]
     print(report["table"][columns].to_string(float_format=lambda v: f"{v:.3f}"))
     for path in report["files"]:

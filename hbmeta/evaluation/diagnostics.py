@@ -586,11 +586,12 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, num_tasks:
         raise ValueError(f"compare needs at least two runs; got {len(run_dirs)}")
     if ic not in ("loo", "waic"):
         raise ValueError(f"ic must be 'loo' or 'waic'; got {ic!r}")
-    loaded = {}
+    loaded, iterations = {}, {}
     for run in run_dirs:
-        learner, config, _ = load_learner(run, device)
+        learner, config, iteration = load_learner(run, device)
         name = Path(run).name if Path(run).is_dir() else Path(run).parent.name
-        loaded[name if name not in loaded else str(run)] = (learner, config)
+        name = name if name not in loaded else str(run)
+        loaded[name], iterations[name] = (learner, config), iteration
     configs = [c for _, c in loaded.values()]
     shape = {(c.experiment, c.ways if get_experiment(c.experiment).metric == "accuracy" else None, c.k_shot, c.k_query)
              for c in configs}
@@ -616,4 +617,5 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, num_tasks:
             ax.set_title(f"{ic.upper()} on {num_tasks} x {batch.x_val.shape[1]} held-out query points", fontsize=10)
             ax.set_xlabel(f"elpd ({ic}, log score; higher is better)")
             _save(ax.figure, out / "compare.png")
-    return {"table": table, "files": [str(out / "compare.csv"), str(out / "compare.png")], "datasets": datasets}
+    return {"table": table, "files": [str(out / "compare.csv"), str(out / "compare.png")], "datasets": datasets,
+            "iterations": iterations}

@@ -67,5 +67,6 @@ def test_compare_two_runs_on_the_same_tasks(tmp_path, capsys):
                  "--out", str(tmp_path / "cli")]) == 0
     out = capsys.readouterr().out
     assert "elpd_loo" in out and (tmp_path / "cli" / "compare.png").exists()
+    assert report["iterations"] == {"gem-bml+": 3, "maml": 3} and "gem-bml+ at iteration 3" in out
     with pytest.raises(ValueError, match="at least two runs"):
         compare_runs([tmp_path / "maml"], tmp_path / "x")
