@@ -119,16 +119,22 @@ def test_ibaml_refuses_what_it_cannot_differentiate():
         MetaLearner(mlp(), algorithm="ibaml", guide="delta")
 
 
+def _hidden_offset_model():
+    """The linear model ``y = x^T w + b`` with ``w`` under a fixed diagonal prior and the offset ``b`` hidden (shared).
+    ``(net, model, mu, log_sigma)``."""
+    net = nn.Linear(P, 1).double()
+    mu = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    log_sigma = torch.tensor([0.0, -0.5, 0.4], dtype=torch.float64)
+    model = HierarchicalModel(BatchedNet(net, hide=["bias"]), DiagonalGaussianPrior(mu, log_sigma), GaussianLikelihood(NOISE))
+    return net, model, mu, log_sigma
+
+
 def test_ibamls_gradient_of_a_hidden_output_offset_is_the_exact_one():
     """``y = x^T w + b + noise`` with ``b`` hidden (shared, a point estimate): iBaML's ``d query NLL / d b`` - the direct
     term plus the implicit one through the support posterior's mean - equals autograd through the closed-form
     mean-field optimum, whose mean depends on ``b`` through the support residuals ``y - b``."""
     x, y, xq, yq = _data()
-    net = nn.Linear(P, 1).double()
-    batched = BatchedNet(net, hide=["bias"])
-    mu = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
-    log_sigma = torch.tensor([0.0, -0.5, 0.4], dtype=torch.float64)
-    model = HierarchicalModel(batched, DiagonalGaussianPrior(mu, log_sigma), GaussianLikelihood(NOISE))
+    net, model, mu, log_sigma = _hidden_offset_model()
     config = InnerConfig(method="gauss-newton", solver="woodbury", steps=3, cg_steps=4 * P, tolerance=0)
     grads, _ = ibaml_gradient(model, MeanFieldGuide(), TaskBatch(x, y, xq, yq), config, damping=0.0)
     b = net.bias.detach().clone().requires_grad_()
@@ -145,11 +151,7 @@ def test_gem_plus_implicit_hidden_gradient_is_the_exact_query_gradient(float64):
     from hbmeta.inference.implicit import implicit_shared_gradient
 
     x, y, xq, yq = _data()
-    net = nn.Linear(P, 1).double()
-    batched = BatchedNet(net, hide=["bias"])
-    mu = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
-    log_sigma = torch.tensor([0.0, -0.5, 0.4], dtype=torch.float64)
-    model = HierarchicalModel(batched, DiagonalGaussianPrior(mu, log_sigma), GaussianLikelihood(NOISE))
+    net, model, mu, log_sigma = _hidden_offset_model()
     post = fit_posterior(model, MeanFieldGuide(), x, y, model.initial_posterior(x, y),
                          config=InnerConfig(method="gauss-newton", solver="woodbury", steps=3, tolerance=0))
     rows = implicit_shared_gradient(model, post, TaskBatch(x, y, xq, yq), cg_steps=4 * P, damping=0.0)["net.bias"]
