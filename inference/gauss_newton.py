@@ -51,6 +51,7 @@ the generalised Gauss-Newton and linearised Laplace.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -63,7 +64,7 @@ from hbmeta.models.jacobian import output_jacobian
 from hbmeta.models.likelihoods import gaussian_draws
 from hbmeta.models.posterior import Posterior
 
-__all__ = ["gauss_newton_fit", "gauss_newton_direction", "map_objective", "prior_term_along", "function_space_spread",
+__all__ = ["gauss_newton_fit", "gauss_newton_fit_pair", "gauss_newton_linearise", "Linearisation", "gauss_newton_direction", "map_objective", "prior_term_along", "function_space_spread",
            "CURVATURES"]
 
 #: where a mean-field Gauss-Newton step takes the likelihood's curvature (:func:`gauss_newton_fit`'s ``curvature``)
@@ -94,17 +95,78 @@ def function_space_spread(jac: Tensor, scale: Tensor, num_draws: int) -> Tensor:
     return gaussian_draws(cov, num_draws)
 
 
+@dataclass(frozen=True)
+class Linearisation:
+    r"""The network linearised at ``m`` under the likelihood's curvature: what a Gauss-Newton step needs from the data.
+
+    ``f [T, N, *out]`` the outputs; ``scaled = G Sigma0^(1/2)`` ``[T, N O, P]`` (the whitened, prior-scaled Jacobian);
+    ``kernel = Gs Gs^T`` ``[T, N O, N O]``; for a likelihood whose ``R`` is one number per point the whitened output
+    gradient ``white = g / R`` ``[T, N O, 1]`` (else ``None`` and ``gradient = J^T g`` ``[T, P]``); ``spread`` the
+    function-space draws the curvature was averaged over (or ``None``).
+    """
+
+    f: Tensor
+    scaled: Tensor
+    kernel: Tensor
+    white: Tensor | None
+    gradient: Tensor | None
+    spread: Tensor | None
+
+    def leading(self, points: int) -> "Linearisation":
+        """The same linearisation for the first ``points`` points of each task (views; nothing is recomputed).
+
+        Exact for a likelihood whose ``R`` is one number per point: every part is per point, or per pair of points for
+        the kernel. GEM-BML+'s restart mode fits ``q1`` on ``D_tr`` and ``q2`` on ``D_tr u D_val`` from the same prior,
+        so ``q1``'s first step is read off ``q2``'s (:func:`gauss_newton_fit_pair`)."""
+        if self.white is None:
+            raise ValueError("Linearisation.leading needs a likelihood whose curvature factor is one number per point")
+        rows = points * (self.white.shape[1] // self.f.shape[1])
+        return Linearisation(self.f[:, :points], self.scaled[:, :rows], self.kernel[:, :rows, :rows],
+                             self.white[:, :rows], None, None if self.spread is None else self.spread[:, :, :points])
+
+
+def gauss_newton_linearise(model: HierarchicalModel, m: Tensor, x: Tensor, y: Tensor, prior_var: Tensor,
+                           scale: Tensor | None = None, num_draws: int = 0) -> Linearisation:
+    r"""Linearise the network at ``m [T, P]`` (:class:`Linearisation`): the Jacobian (:mod:`hbmeta.models.jacobian`),
+    the likelihood's gradient ``g`` and Hessian ``H = R R^T`` in the outputs at ``f(x; m)`` (given the posterior's
+    current ``scale [T, P]`` and ``num_draws``, a likelihood that is not quadratic in ``f`` takes their averages over
+    ``f(x; m) + spread``: :func:`function_space_spread`,
+    :meth:`~hbmeta.models.likelihoods.Likelihood.expected_curvature`), the Jacobian scaled to
+    :math:`G_s = R^\top J \Sigma_0^{1/2}` in place, and the kernel :math:`G_s G_s^\top`."""
+    f, jac = output_jacobian(model.net, m, x)                    # [T, N, *out], [T, N, O, P]
+    spread = None
+    if scale is not None and num_draws and not model.likelihood.quadratic:
+        spread = function_space_spread(jac, scale, num_draws)    # [K, T, N, O]
+        grad_f, factor = model.likelihood.expected_curvature(f, spread, y)
+    else:
+        grad_f, factor = model.likelihood.curvature(f, y)        # [T, N, O], R broadcastable to [T, N, O, O]
+    num_tasks, num_params = m.shape
+    prior_sd = prior_var.expand_as(m).sqrt()
+    rows = jac.reshape(num_tasks, -1, num_params)                # J, [T, NO, P]
+    white = gradient = None
+    if factor.shape[-1] == 1:                                    # R is a number per point (Gaussian likelihoods)
+        if factor.numel() == 1:
+            scaled = rows.mul_(prior_sd.unsqueeze(1) * factor.reshape(()))
+        else:
+            scaled = rows.mul_(prior_sd.unsqueeze(1)).mul_(factor.reshape(num_tasks, -1, 1))
+        white = (grad_f / factor.squeeze(-1)).reshape(num_tasks, -1, 1)  # r = g / R, [T, NO, 1]
+    else:
+        gradient = torch.bmm(grad_f.reshape(num_tasks, 1, -1), rows).squeeze(1)  # J^T g
+        scaled = torch.einsum("tnok,tnop->tnkp", factor.expand(*jac.shape[:2], -1, -1), jac)
+        scaled = scaled.reshape(num_tasks, -1, num_params).mul_(prior_sd.unsqueeze(1))
+    return Linearisation(f, scaled, scaled @ scaled.transpose(1, 2), white, gradient, spread)
+
+
 def gauss_newton_direction(model: HierarchicalModel, m: Tensor, x: Tensor, y: Tensor, prior_loc: Tensor,
-                           prior_var: Tensor, scale: Tensor | None = None, num_draws: int = 0
+                           prior_var: Tensor, scale: Tensor | None = None, num_draws: int = 0,
+                           linearisation: Linearisation | None = None
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     r"""One Gauss-Newton direction ``d [T, P]`` at ``m [T, P]``, with ``Gs = G Sigma0^(1/2)`` ``[T, NO, P]``, the
     Cholesky factor of ``I + Gs Gs^T`` ``[T, NO, NO]``, the outputs ``f(x; m)`` ``[T, N, O]`` (``prior_loc`` /
     ``prior_var`` broadcast to ``[T, P]``) and the function-space spread it averaged over (or ``None``).
 
-    ``g`` and ``H`` are the likelihood's gradient and Hessian in the outputs at ``f(x; m)``; given the posterior's
-    current ``scale [T, P]`` and ``num_draws``, a likelihood that is not quadratic in ``f`` takes their averages over
-    ``f(x; m) + spread`` (:func:`function_space_spread`, :meth:`~hbmeta.models.likelihoods.Likelihood.expected_curvature`):
-    the Gaussian-VI step of the Bayesian learning rule [1] instead of the Laplace one.
+    ``linearisation`` is :func:`gauss_newton_linearise` at ``m`` if it is known already (else it is computed here, with
+    ``scale`` and ``num_draws``).
 
     In function space, with ``delta = m - mu0`` and, for a likelihood whose ``R`` is one number per point, the
     whitened output gradient ``r = g / R``:
@@ -117,44 +179,25 @@ def gauss_newton_direction(model: HierarchicalModel, m: Tensor, x: Tensor, y: Te
     more away from the prior mean (``Gs Sigma0^(-1/2) delta``). Softmax likelihoods (``R`` a matrix) take ``b``
     directly.
     """
-    f, jac = output_jacobian(model.net, m, x)                    # [T, N, *out], [T, N, O, P]
-    spread = None
-    if scale is not None and num_draws and not model.likelihood.quadratic:
-        spread = function_space_spread(jac, scale, num_draws)    # [K, T, N, O]
-        grad_f, factor = model.likelihood.expected_curvature(f, spread, y)
-    else:
-        grad_f, factor = model.likelihood.curvature(f, y)        # [T, N, O], R broadcastable to [T, N, O, O]
-    num_tasks, num_params = m.shape
+    lin = linearisation or gauss_newton_linearise(model, m, x, y, prior_var, scale, num_draws)
+    scaled, white = lin.scaled, lin.white
     prior_sd = prior_var.expand_as(m).sqrt()
     delta = m - prior_loc
-    rows = jac.reshape(num_tasks, -1, num_params)                # J, [T, NO, P]
-    scalar = factor.shape[-1] == 1
-    if scalar:                                                   # R is a number per point (Gaussian likelihoods)
-        if factor.numel() == 1:
-            scaled = rows.mul_(prior_sd.unsqueeze(1) * factor.reshape(()))
-        else:
-            scaled = rows.mul_(prior_sd.unsqueeze(1)).mul_(factor.reshape(num_tasks, -1, 1))
-        white = (grad_f / factor.squeeze(-1)).reshape(num_tasks, -1, 1)  # r = g / R, [T, NO, 1]
-    else:
-        gradient = torch.bmm(grad_f.reshape(num_tasks, 1, -1), rows).squeeze(1)  # J^T g
-        scaled = torch.einsum("tnok,tnop->tnkp", factor.expand(*jac.shape[:2], -1, -1), jac)
-        scaled = scaled.reshape(num_tasks, -1, num_params).mul_(prior_sd.unsqueeze(1))
-    kernel = scaled @ scaled.transpose(1, 2)                     # Gs Gs^T
-    moved = bool(delta.abs().max() > 0)
-    if scalar:
-        c = kernel @ white                                       # Gs Gs^T r ...
-        if moved:                                                # ... + Gs Sigma0^(-1/2) delta
+    if white is not None:
+        c = lin.kernel @ white                                   # Gs Gs^T r ...
+        if bool(delta.abs().max() > 0):                          # ... + Gs Sigma0^(-1/2) delta
             c = c + _rows_dot(scaled, delta / prior_sd)
     else:
-        c = _rows_dot(scaled, prior_sd * gradient + delta / prior_sd)
-    kernel.diagonal(dim1=-2, dim2=-1).add_(1.0)                  # I + Gs Gs^T
-    chol = _kernel_cholesky(kernel, scaled)
+        c = _rows_dot(scaled, prior_sd * lin.gradient + delta / prior_sd)
+    system = lin.kernel.clone()
+    system.diagonal(dim1=-2, dim2=-1).add_(1.0)                  # I + Gs Gs^T
+    chol = _kernel_cholesky(system, scaled)
     w = torch.cholesky_solve(c.to(chol.dtype), chol).to(c.dtype)
-    if scalar:
+    if white is not None:
         direction = -delta - prior_sd * torch.bmm((white - w).transpose(1, 2), scaled).squeeze(1)
     else:
-        direction = -delta - prior_sd * (prior_sd * gradient - torch.bmm(w.transpose(1, 2), scaled).squeeze(1))
-    return direction, scaled, chol, f, spread
+        direction = -delta - prior_sd * (prior_sd * lin.gradient - torch.bmm(w.transpose(1, 2), scaled).squeeze(1))
+    return direction, scaled, chol, lin.f, lin.spread
 
 
 def _rows_dot(rows: Tensor, vector: Tensor) -> Tensor:
@@ -198,6 +241,7 @@ def gauss_newton_fit(
     tolerance: float = 0.0,
     curvature: str = "expected",
     num_draws: int = 64,
+    first: Linearisation | None = None,
 ) -> Posterior:
     r"""Run ``steps`` Gauss-Newton VI steps for every task at once from ``start``; the detached posteriors.
 
@@ -233,6 +277,9 @@ def gauss_newton_fit(
             ``tolerance * max(1, |objective|)``, and, if no candidate step helped it, it had also converged in the
             step before (one rejection may only mean that the full step was too long). The remaining callbacks see
             the final posterior. ``0`` runs all ``steps``.
+        first: :func:`gauss_newton_linearise` at ``start.loc`` (with the prior's variances, ``start``'s scales as the
+            spread and ``num_draws``), if it is known already: the first step starts from it
+            (:func:`gauss_newton_fit_pair`). Woodbury only.
     """
     if variance not in ("meanfield", "marginal") or (variance == "marginal" and solver != "woodbury"):
         raise ValueError(f"variance={variance!r}: choose 'meanfield', or 'marginal' with the woodbury solver")
@@ -242,15 +289,16 @@ def gauss_newton_fit(
         raise ValueError("the matrix-free Gauss-Newton solver gives mean-field or point-mass posteriors, not full ones")
     if curvature not in CURVATURES:
         raise ValueError(f"curvature={curvature!r}: choose one of {', '.join(CURVATURES)}")
-    expected = (curvature == "expected" and kind == "meanfield" and solver == "woodbury" and num_draws > 0
-                and not model.likelihood.quadratic)
+    if first is not None and solver != "woodbury":
+        raise ValueError("a precomputed first linearisation is for the woodbury solver")
     m = start.loc.detach().clone()
     prior_var = prior_var.detach().expand_as(m)
+    scale = _spread_scale(model, start, prior_var, kind, solver, curvature, num_draws)
+    expected = scale is not None
     prior_loc = prior_loc.detach()
     candidates = 0.5 ** torch.arange(halvings + 1, dtype=m.dtype, device=m.device)
     reach = torch.ones(m.shape[0], dtype=m.dtype, device=m.device)  # per task: the largest step it will try next
     posterior = start.detach()
-    scale = (start.scale.detach() if start.kind == "meanfield" else prior_var.sqrt()) if expected else None
     small_before = torch.zeros(m.shape[0], dtype=torch.bool, device=m.device)
     with torch.no_grad():
         current = map_objective(model, m, x, y, prior_loc, prior_var) if solver == "cg" else None
@@ -260,8 +308,8 @@ def gauss_newton_fit(
             if solver == "cg":
                 direction, diagonal = cg_direction(model, m, x, y, prior_loc, prior_var, cg_steps, probes, generator)
             else:
-                direction, scaled, chol, f, spread = gauss_newton_direction(model, m, x, y, prior_loc, prior_var,
-                                                                            scale, num_draws if expected else 0)
+                direction, scaled, chol, f, spread = gauss_newton_direction(
+                    model, m, x, y, prior_loc, prior_var, scale, num_draws if expected else 0, first if step == 1 else None)
                 if current is None or spread is not None:  # the objective at m, from the Jacobian pass's outputs
                     shifted = f if spread is None else f.unsqueeze(0) + spread.reshape(spread.shape[0], *f.shape)
                     fit = model.likelihood.log_prob(shifted, y)
@@ -291,6 +339,46 @@ def gauss_newton_fit(
             if done:
                 break
     return posterior
+
+
+def _spread_scale(model: HierarchicalModel, start: Posterior, prior_var: Tensor, kind: str, solver: str,
+                  curvature: str, num_draws: int) -> Tensor | None:
+    """The scales whose function-space spread the first step averages the curvature over (``curvature="expected"``
+    for a likelihood that is not quadratic, mean-field Woodbury fits), else ``None``."""
+    if not (curvature == "expected" and kind == "meanfield" and solver == "woodbury" and num_draws > 0
+            and not model.likelihood.quadratic):
+        return None
+    return start.scale.detach() if start.kind == "meanfield" else prior_var.sqrt()
+
+
+def gauss_newton_fit_pair(model: HierarchicalModel, x: Tensor, y: Tensor, leading: int, start: Posterior,
+                          prior_loc: Tensor, prior_var: Tensor, steps: int, all_steps: int | None = None,
+                          kind: str = "meanfield", leading_laplace: bool = False, **settings
+                          ) -> tuple[Posterior, Posterior]:
+    r"""Gauss-Newton VI on the first ``leading`` points of every task and on all of them, both from ``start`` under
+    the same prior: GEM-BML+'s ``q1 = VI(Theta, D_tr)`` and, in restart mode, ``q2 = VI(Theta, D_tr u D_val)`` with
+    ``x = [x_tr, x_val]``.
+
+    Both first steps linearise the network at ``start.loc``, so the all-points fit's Jacobian, kernel and outputs
+    contain the leading fit's as leading rows (:meth:`Linearisation.leading`): one Jacobian pass and one kernel serve
+    both. Otherwise the two fits are :func:`gauss_newton_fit` with ``steps`` / ``all_steps`` steps and ``settings``;
+    only the leading fit keeps the linearised posterior (``leading_laplace``). A likelihood whose curvature factor is
+    a matrix (softmax) shares nothing beyond the outputs, and the leading fit runs on its own.
+    """
+    solver = settings.get("solver", "woodbury")
+    all_steps = steps if all_steps is None else all_steps
+    first = None
+    if solver == "woodbury" and steps > 0 and all_steps > 0:
+        with torch.no_grad():
+            scale = _spread_scale(model, start, prior_var.detach().expand_as(start.loc), kind, solver,
+                                  settings.get("curvature", "expected"), settings.get("num_draws", 64))
+            first = gauss_newton_linearise(model, start.loc.detach(), x, y, prior_var.detach(), scale,
+                                           settings.get("num_draws", 64) if scale is not None else 0)
+    leading_first = first.leading(leading) if first is not None and first.white is not None else None
+    q1 = gauss_newton_fit(model, x[:, :leading].contiguous(), y[:, :leading].contiguous(), start, prior_loc, prior_var, steps, kind,
+                          laplace=leading_laplace, first=leading_first, **settings)
+    q2 = gauss_newton_fit(model, x, y, start, prior_loc, prior_var, all_steps, kind, first=first, **settings)
+    return q1, q2
 
 
 def _line_search(model: HierarchicalModel, m: Tensor, direction: Tensor, reach: Tensor, current: Tensor,

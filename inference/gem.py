@@ -23,7 +23,7 @@ from torch import Tensor
 from hbmeta.inference.algorithm import LearnerState, PosteriorAlgorithm, register_algorithm
 from hbmeta.inference.batch import TaskBatch
 from hbmeta.inference.implicit import LIKELIHOOD_PREFIX, SHARED_PREFIX, implicit_shared_gradient
-from hbmeta.inference.inner import CommonNoise, InnerConfig, NoiseFn, fit_posterior, standard_normal
+from hbmeta.inference.inner import CommonNoise, InnerConfig, NoiseFn, fit_posterior, fit_posterior_pair, standard_normal
 from hbmeta.models.guides import Guide
 from hbmeta.models.hierarchical import HierarchicalModel
 from hbmeta.models.posterior import Posterior
@@ -168,9 +168,13 @@ def gem_plus_posteriors(model: HierarchicalModel, guide: Guide, batch: TaskBatch
         raise ValueError(f"unknown GEM-BML+ mode {mode!r}; choose one of {', '.join(GEM_PLUS_MODES)}")
     common = CommonNoise(noise or standard_normal(generator, batch.x_train))  # q2 replays q1's draws
     noise1, noise2 = common.first, common.second
+    val_steps = config.val_steps if config.val_steps is not None else config.steps
+    if mode == "restart":  # both from the prior: the Gauss-Newton fits share their first linearisation
+        x, y = batch.joint()
+        return fit_posterior_pair(model, guide, x, y, batch.x_train.shape[1], config, config.steps, val_steps,
+                                  generator, (noise1, noise2), laplace)
     q1 = fit_posterior(model, guide, batch.x_train, batch.y_train, model.initial_posterior(batch.x_train, batch.y_train),
                        config=config, generator=generator, noise=noise1, laplace=laplace)
-    val_steps = config.val_steps if config.val_steps is not None else config.steps
     if mode == "sequential":
         if q1.kind == "delta":
             raise ValueError("sequential GEM-BML+ needs a posterior with a density as the prior of VI(lambda_tr, D_val); "

@@ -37,7 +37,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor
 
 from hbmeta.inference.errors import InnerLoopDivergedError
-from hbmeta.inference.gauss_newton import gauss_newton_fit
+from hbmeta.inference.gauss_newton import gauss_newton_fit, gauss_newton_fit_pair
 from hbmeta.inference.gauss_newton_latents import gauss_newton_latent_fit
 from hbmeta.models.guides import Guide
 from hbmeta.inference.autoguide import AutoGuidePerTask
@@ -46,7 +46,7 @@ from hbmeta.models.latents import LatentGuide, replace_priors
 from hbmeta.models.local_reparam import local_forward, supports_local_noise
 from hbmeta.models.posterior import Posterior
 
-__all__ = ["InnerConfig", "InnerLoopDivergedError", "INNER_METHODS", "fit_posterior", "negative_elbo", "make_optimizer",
+__all__ = ["InnerConfig", "InnerLoopDivergedError", "INNER_METHODS", "fit_posterior", "fit_posterior_pair", "negative_elbo", "make_optimizer",
            "NoiseFn", "clip_per_task", "CommonNoise", "standard_normal", "sgd_adapt", "optimizer_adapt", "overrides_model"]
 
 #: inner-update methods (:class:`InnerConfig` ``method``)
@@ -423,9 +423,11 @@ WOODBURY_MAX_PARAMS = 20_000
 
 
 def _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, laplace, generator, sites=None,
-                  latent_prior=None) -> Posterior:
+                  latent_prior=None, leading: int | None = None, all_steps: int | None = None):
     """:func:`hbmeta.inference.gauss_newton.gauss_newton_fit` for a diagonal Gaussian prior and a supported guide
-    (:func:`hbmeta.inference.gauss_newton_latents.gauss_newton_latent_fit` for a model with per-task latents)."""
+    (:func:`hbmeta.inference.gauss_newton_latents.gauss_newton_latent_fit` for a model with per-task latents).
+    With ``leading``: the pair of fits on the first ``leading`` points and on all (``steps`` / ``all_steps``),
+    :func:`hbmeta.inference.gauss_newton.gauss_newton_fit_pair`."""
     moments = _diagonal_normal(prior)
     if moments is None:
         raise ValueError(f"the Gauss-Newton inner update needs a diagonal Gaussian prior inside the ELBO; got "
@@ -443,6 +445,11 @@ def _gauss_newton(model, guide, x, y, start, prior, config, steps, callback, lap
         return gauss_newton_latent_fit(model, x, y, start, loc, scale.pow(2), steps, sites, negative_elbo,
                                        _GAUSS_NEWTON_KINDS[guide.name], latent_prior, config.latent_lr,
                                        num_samples=config.num_samples, callback=callback, **settings)
+    if leading is not None:
+        del settings["laplace"]
+        return gauss_newton_fit_pair(model, x, y, leading, start, loc, scale.pow(2), steps, all_steps,
+                                     _GAUSS_NEWTON_KINDS[guide.name], leading_laplace=laplace and solver == "woodbury",
+                                     tolerance=config.tolerance, **settings)
     return gauss_newton_fit(model, x, y, start, loc, scale.pow(2), steps, _GAUSS_NEWTON_KINDS[guide.name],
                             callback=callback, tolerance=config.tolerance, **settings)
 
@@ -591,6 +598,39 @@ def fit_posterior(model: HierarchicalModel, *args, **kwargs) -> Posterior:
     # once per input for all its steps (BatchedNet.shared_constant)
     with model.net.shared_constant():
         return _fit_posterior(model, *args, **kwargs)
+
+
+def fit_posterior_pair(model: HierarchicalModel, guide: Guide, x: Tensor, y: Tensor, leading: int,
+                       config: InnerConfig, steps: int, all_steps: int, generator: torch.Generator | None = None,
+                       noise: tuple[NoiseFn, NoiseFn] | None = None, laplace: bool = False) -> tuple[Posterior, Posterior]:
+    """VI from the prior on the first ``leading`` points of every task and on all of them (``steps`` / ``all_steps``
+    steps): GEM-BML+'s ``q1 = VI(Theta, D_tr)`` and restart-mode ``q2 = VI(Theta, D_tr u D_val)``, ``x = [x_tr, x_val]``.
+
+    The Gauss-Newton update with a diagonal Gaussian prior, a mean-field, delta or full guide and no per-task latents
+    shares the two fits' first linearisation (:func:`hbmeta.inference.gauss_newton.gauss_newton_fit_pair`); every
+    other update is two :func:`fit_posterior` calls, with ``noise`` (a pair) as their noise. ``laplace``: the leading
+    fit also keeps the linearised posterior."""
+    x1, y1 = x[:, :leading].contiguous(), y[:, :leading].contiguous()
+    noise1, noise2 = noise if noise is not None else (None, None)
+    with model.net.shared_constant():
+        start = model.initial_posterior(x, y)
+        with torch.no_grad():
+            prior = model.prior.distribution(x.shape[0])
+        if (config.method == "gauss-newton" and not overrides_model(model) and guide.name in _GAUSS_NEWTON_KINDS
+                and _diagonal_normal(prior) is not None and not model.latent_sites(x, y, prior)
+                and _same_start(start, model.initial_posterior(x1, y1))):
+            return _gauss_newton(model, guide, x, y, start, prior, config, steps, None, laplace, generator,
+                                 leading=leading, all_steps=all_steps)
+        q1 = _fit_posterior(model, guide, x1, y1, model.initial_posterior(x1, y1), config=config, steps=steps,
+                            generator=generator, noise=noise1, laplace=laplace)
+        q2 = _fit_posterior(model, guide, x, y, start, config=config, steps=all_steps, generator=generator, noise=noise2)
+    return q1, q2
+
+
+def _same_start(a: Posterior, b: Posterior) -> bool:
+    """Whether two start posteriors are the same (a prior's start may depend on the data: a mixture's component)."""
+    pairs = ((a.loc, b.loc), (a.scale, b.scale), (a.scale_tril, b.scale_tril))
+    return a.kind == b.kind and all(u is v or (u is not None and v is not None and torch.equal(u, v)) for u, v in pairs)
 
 def _divergence_advice(config: InnerConfig) -> str:
     """What to change when SVI diverges: the step size, and unclipped gradients (one huge step of the log scale

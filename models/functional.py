@@ -15,12 +15,13 @@ import contextlib
 import inspect
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["BatchedNet", "mlp"]
+__all__ = ["BatchedNet", "DenseLayer", "mlp"]
 
 
 def mlp(in_features: int = 1, hidden: tuple[int, ...] = (40, 40), out_features: int = 1) -> nn.Sequential:
@@ -72,6 +73,40 @@ def _is_plain_mlp(module: nn.Module) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class DenseLayer:
+    """One ``nn.Linear`` of a plain MLP (:attr:`BatchedNet.dense_layers`): where its weight ``[units, fan_in]`` and
+    bias start in ``theta`` (``bias`` is ``None`` without one) and the element-wise activations after it."""
+
+    weight: int
+    units: int
+    fan_in: int
+    bias: int | None
+    activations: tuple[nn.Module, ...]
+
+    @property
+    def relu(self) -> bool:
+        """Whether the activation is exactly one ``nn.ReLU`` (taken in place, its slope is ``pre-activation > 0``)."""
+        return len(self.activations) == 1 and type(self.activations[0]) is nn.ReLU
+
+
+def _dense_layers(module: nn.Module) -> tuple[DenseLayer, ...]:
+    """The :class:`DenseLayer` s of a plain MLP, in ``named_parameters`` order (weight, then bias)."""
+    layers: list[list] = []
+    offset = 0
+    for layer in module:
+        if isinstance(layer, nn.Linear):
+            size = layer.out_features * layer.in_features
+            layers.append([offset, layer.out_features, layer.in_features,
+                           offset + size if layer.bias is not None else None, []])
+            offset += size + (layer.out_features if layer.bias is not None else 0)
+        elif layers:
+            layers[-1][4].append(layer)
+        else:  # an activation before the first Linear: no fast path
+            return ()
+    return tuple(DenseLayer(*spec[:4], tuple(spec[4])) for spec in layers)
+
+
 class BatchedNet:
     """A functional view of ``module`` whose weights are one flat vector per task.
 
@@ -113,11 +148,18 @@ class BatchedNet:
         self.num_params = sum(self.sizes)
         self.buffers = dict(module.named_buffers())
         self._fast_mlp = _is_plain_mlp(module) and not hidden
+        self._dense = _dense_layers(module) if self._fast_mlp else ()
+        self._fast_mlp = bool(self._dense)
         batched = getattr(module, "forward_batched", None)
         self._shared_batched = callable(batched) and "shared" in inspect.signature(batched).parameters
         self._fast_batched = callable(batched) and (not hidden or self._shared_batched)
         self._caches = self._shared_batched and "cache" in inspect.signature(batched).parameters
         self._cache: dict | None = None
+
+    @property
+    def dense_layers(self) -> tuple[DenseLayer, ...]:
+        """A plain MLP's layers, where each one's weights lie in ``theta`` (empty for any other module)."""
+        return self._dense
 
     @property
     def is_plain_mlp(self) -> bool:
@@ -184,7 +226,31 @@ class BatchedNet:
             self._cache = None
 
     def _mlp_forward(self, theta: Tensor, x: Tensor) -> Tensor:
-        """Fast path for ``nn.Sequential`` of ``nn.Linear`` and element-wise activations: batched matmuls."""
+        """Fast path for ``nn.Sequential`` of ``nn.Linear`` and element-wise activations: one batched matmul with the
+        bias fused (``baddbmm``; an outer product, ``addcmul``, for one input feature) per layer, over every
+        (sample, task) weight vector at once."""
+        if x.dim() != 3:  # [T, N, ..., in]: broadcasting matmuls
+            return self._mlp_forward_broadcast(theta, x)
+        sample_shape, num_points = theta.shape[:-2], x.shape[1]
+        flat = theta.reshape(-1, theta.shape[-1])                     # [S T, P]
+        rows = flat.shape[0]
+        h = x.expand(*sample_shape, *x.shape).reshape(rows, num_points, -1)
+        for layer in self._dense:
+            weight = flat[:, layer.weight:layer.weight + layer.units * layer.fan_in].view(rows, layer.units, layer.fan_in)
+            weight = weight.transpose(1, 2)
+            if layer.bias is None:
+                h = h * weight if layer.fan_in == 1 else torch.bmm(h, weight)
+            else:
+                bias = flat[:, layer.bias:layer.bias + layer.units].unsqueeze(1)
+                h = torch.addcmul(bias, h, weight) if layer.fan_in == 1 else torch.baddbmm(bias, h, weight)
+            if layer.relu:
+                h = h.relu_()
+            else:
+                for activation in layer.activations:
+                    h = activation(h)
+        return h.reshape(*sample_shape, x.shape[0], num_points, -1)
+
+    def _mlp_forward_broadcast(self, theta: Tensor, x: Tensor) -> Tensor:
         params = iter(torch.split(theta, self.sizes, dim=-1))
         h = x
         for layer in self.module:

@@ -23,7 +23,7 @@ Two ways:
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from hbmeta.models.functional import BatchedNet
 from hbmeta.models.saved_tensors import untracked
@@ -59,52 +59,42 @@ def vjp_jacobian(net: BatchedNet, theta: Tensor, x: Tensor) -> tuple[Tensor, Ten
 
 def mlp_jacobian(net: BatchedNet, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """Closed-form Jacobian of an ``nn.Sequential`` of ``nn.Linear`` and element-wise activations."""
-    params = iter(torch.split(theta, net.sizes, dim=-1))
-    layers: list[tuple[Tensor, Tensor | None, list[nn.Module]]] = []
-    for layer in net.module:
-        if isinstance(layer, nn.Linear):
-            weight = next(params).unflatten(-1, (layer.out_features, layer.in_features))
-            bias = next(params) if layer.bias is not None else None
-            layers.append((weight, bias, []))
-        else:
-            layers[-1][2].append(layer)
-    inputs, slopes = [], []  # each layer's input h_{l-1} [T, N, in] and activation derivative [T, N, out]
-    h = x.reshape(*x.shape[:2], -1)
-    for weight, bias, activations in layers:
+    num_tasks, num_points = x.shape[:2]
+    inputs, slopes = [], []  # each layer's input h_{l-1} [T, N, in] and activation derivative [T, N, out] (or None)
+    h = x.reshape(num_tasks, num_points, -1)
+    for layer in net.dense_layers:
         inputs.append(h)
-        a = h @ weight.transpose(-1, -2)
-        if bias is not None:
-            a = a + bias.unsqueeze(-2)
-        if len(activations) == 1 and type(activations[0]) is nn.ReLU:
-            h, slope = torch.relu(a), (a > 0).to(a.dtype)
-        elif activations:
+        weight = theta[:, layer.weight:layer.weight + layer.units * layer.fan_in].view(num_tasks, layer.units, layer.fan_in)
+        if layer.bias is None:
+            a = torch.bmm(h, weight.transpose(1, 2))
+        else:
+            a = torch.baddbmm(theta[:, layer.bias:layer.bias + layer.units].unsqueeze(1), h, weight.transpose(1, 2))
+        if layer.relu:
+            h, slope = torch.relu(a), a > 0
+        elif layer.activations:
             with torch.enable_grad():
                 a_in = a.detach().requires_grad_()
                 out = a_in
-                for act in activations:
+                for act in layer.activations:
                     out = act(out)
                 (slope,) = torch.autograd.grad(out.sum(), a_in)  # element-wise: the derivative itself
             h = out.detach()
         else:
             h, slope = a, None
         slopes.append(slope)
-    num_tasks, num_points, num_out = h.shape
+    num_out = h.shape[-1]
     jac = torch.empty(num_tasks, num_points, num_out, net.num_params, dtype=h.dtype, device=h.device)
-    offsets, total = [], 0
-    for weight, bias, _ in layers:  # where each layer's weight and bias start in theta (named_parameters order)
-        offsets.append(total)
-        total += weight.shape[-1] * weight.shape[-2] + (0 if bias is None else weight.shape[-2])
     delta = torch.eye(num_out, dtype=h.dtype, device=h.device).expand(num_tasks, num_points, num_out, num_out)
-    for k in range(len(layers) - 1, -1, -1):  # delta [T, N, O, units of layer k]
-        weight, bias, _ = layers[k]
+    for k in range(len(inputs) - 1, -1, -1):  # delta [T, N, O, units of layer k]
+        layer = net.dense_layers[k]
         if slopes[k] is not None:
             delta = delta * slopes[k].unsqueeze(2)
-        units, fan_in = weight.shape[-2:]
-        start = offsets[k]
+        units, fan_in, start = layer.units, layer.fan_in, layer.weight
         block = jac[..., start:start + units * fan_in].view(num_tasks, num_points, num_out, units, fan_in)
         torch.mul(delta.unsqueeze(-1), inputs[k].unsqueeze(2).unsqueeze(3), out=block)  # delta (x) h_{l-1}
-        if bias is not None:
-            jac[..., start + units * fan_in:start + units * (fan_in + 1)] = delta
+        if layer.bias is not None:
+            jac[..., layer.bias:layer.bias + units] = delta
         if k > 0:  # back through the weights: [T, N O, units] @ [T, units, fan_in]
+            weight = theta[:, start:start + units * fan_in].view(num_tasks, units, fan_in)
             delta = torch.bmm(delta.reshape(num_tasks, -1, units), weight).reshape(num_tasks, num_points, num_out, fan_in)
     return h, jac

@@ -32,10 +32,11 @@ def jacrev_reference(net: BatchedNet, theta, x):
     return torch.func.vmap(torch.func.jacrev(lambda t, xx: net._single(t, xx).reshape(-1)))(theta, x)
 
 
-@pytest.mark.parametrize("activation,outputs", [(nn.ReLU, 1), (nn.Tanh, 3)])
-def test_mlp_closed_form_jacobian_equals_jacrev(activation, outputs):
+@pytest.mark.parametrize("activation,outputs,bias", [(nn.ReLU, 1, True), (nn.Tanh, 3, True), (nn.ReLU, 2, False)])
+def test_mlp_closed_form_jacobian_equals_jacrev(activation, outputs, bias):
     torch.manual_seed(0)
-    module = nn.Sequential(nn.Linear(2, 7), activation(), nn.Linear(7, 5), activation(), nn.Linear(5, outputs)).double()
+    module = nn.Sequential(nn.Linear(2, 7, bias=bias), activation(), nn.Linear(7, 5), activation(),
+                           nn.Linear(5, outputs, bias=bias)).double()
     net = BatchedNet(module)
     theta = net.initial_vector() + 0.3 * torch.randn(4, net.num_params, dtype=D)
     x = torch.randn(4, 6, 2, dtype=D)
@@ -209,6 +210,43 @@ def test_gauss_newton_classification_step_raises_the_support_likelihood():
     before = model.log_likelihood(prior.mu.detach().expand(5, -1), x, y)
     after = model.log_likelihood(post.loc, x, y)
     assert (after > before).all() and (post.scale < prior.scale.detach()).any()
+
+
+def _pair_problem(likelihood, outputs: int):
+    torch.manual_seed(0)
+    net = BatchedNet(nn.Sequential(nn.Linear(1, 12), nn.Tanh(), nn.Linear(12, 12, bias=False), nn.ReLU(),
+                                   nn.Linear(12, outputs)).double())
+    prior = DiagonalGaussianPrior(net.initial_vector(), torch.full((net.num_params,), 0.4, dtype=D).log())
+    x = torch.randn(4, 9, 1, dtype=D)
+    y = torch.randn(4, 9, 1, dtype=D) if outputs == 1 else torch.randint(0, outputs, (4, 9))
+    return HierarchicalModel(net, prior, likelihood), x, y
+
+
+@pytest.mark.parametrize("likelihood,outputs,guide", [
+    (GaussianLikelihood(0.3), 1, MeanFieldGuide()), (GaussianLikelihood(0.3), 1, DeltaGuide()),
+    (CategoricalLikelihood(), 3, MeanFieldGuide()),
+], ids=["gaussian-meanfield", "gaussian-delta", "softmax-meanfield-expected"])
+def test_restart_pair_shares_the_first_step_and_equals_two_separate_fits(likelihood, outputs, guide, monkeypatch):
+    """GEM-BML+'s restart-mode q1 = VI(Theta, D_tr) and q2 = VI(Theta, D_tr u D_val) from one shared linearisation at
+    the prior equal the two fits run apart (float64, 1e-10); a Gaussian likelihood computes one Jacobian fewer."""
+    import hbmeta.inference.gauss_newton as gn
+    model, x, y = _pair_problem(likelihood, outputs)
+    config = InnerConfig(method="gauss-newton", steps=3)
+    batch = TaskBatch(x[:, :4], y[:, :4], x[:, 4:], y[:, 4:])
+    calls = []
+    jacobian = gn.output_jacobian
+    monkeypatch.setattr(gn, "output_jacobian", lambda *a: calls.append(a[2].shape[1]) or jacobian(*a))
+    q1, q2 = gem_plus_posteriors(model, guide, batch, config, mode="restart")
+    assert len(calls) == (5 if outputs == 1 else 6) and calls[0] == 9  # 3 + 3 steps, less q1's first
+    monkeypatch.setattr(gn, "output_jacobian", jacobian)
+    apart1 = fit_posterior(model, guide, batch.x_train, batch.y_train, model.prior.initial_posterior(4), config=config)
+    apart2 = fit_posterior(model, guide, x, y, model.prior.initial_posterior(4), config=config)
+    for shared, apart in ((q1, apart1), (q2, apart2)):
+        assert shared.kind == apart.kind
+        torch.testing.assert_close(shared.loc, apart.loc, rtol=1e-10, atol=1e-10)
+        if apart.kind == "meanfield":
+            torch.testing.assert_close(shared.scale, apart.scale, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(q1.loc, q2.loc)  # the two fits saw different data
 
 
 def test_gauss_newton_refuses_what_it_cannot_fit():

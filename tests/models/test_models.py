@@ -10,15 +10,26 @@ from hbmeta.models import (BatchedNet, CategoricalLikelihood, DiagonalGaussianPr
                     Posterior, mlp)
 
 
-def test_mlp_fast_path_equals_generic_vmap_path_and_a_loop():
-    net = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 3))
+@pytest.mark.parametrize("net", [
+    nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 3)),
+    nn.Sequential(nn.Linear(1, 5), nn.ReLU(), nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Tanh(), nn.Linear(4, 1)),
+    nn.Sequential(nn.Linear(1, 3, bias=False), nn.Linear(3, 2)),
+], ids=["tanh", "fan-in-1-no-bias-stacked-activations", "linear-no-bias-fan-in-1"])
+def test_mlp_fast_path_equals_generic_vmap_path_and_a_loop(net):
+    """The fused batched matmuls (``baddbmm``, ``addcmul`` for one input feature, ReLU in place) against vmap, a
+    loop over ``functional_call``, and in their gradients."""
     batched = BatchedNet(net)
     assert batched._fast_mlp
-    theta = torch.randn(4, 3, batched.num_params)  # 4 samples x 3 tasks
-    x = torch.randn(3, 6, 2)
+    in_features = net[0].in_features
+    theta = torch.randn(4, 3, batched.num_params, requires_grad=True)  # 4 samples x 3 tasks
+    x = torch.randn(3, 6, in_features)
     fast = batched(theta, x)
+    (grad_fast,) = torch.autograd.grad(fast.square().sum(), theta)
     batched._fast_mlp = False
-    torch.testing.assert_close(batched(theta, x), fast)
+    slow = batched(theta, x)
+    torch.testing.assert_close(slow, fast)
+    torch.testing.assert_close(torch.autograd.grad(slow.square().sum(), theta)[0], grad_fast)
+    theta = theta.detach()
     for s in range(4):
         for t in range(3):
             params = batched.unflatten(theta[s, t])
