@@ -394,16 +394,16 @@ def _line_search(model: HierarchicalModel, m: Tensor, direction: Tensor, reach: 
     reaches (1 after a step was taken; half the shortest tried where none helped and the task stayed).
     """
     tried = reach.unsqueeze(0) * candidates.unsqueeze(1)                               # [H, T]
-    trial = m.unsqueeze(0) + tried.unsqueeze(-1) * direction                            # [H, T, P]
+    trial = torch.addcmul(m, tried.unsqueeze(-1), direction)                            # [H, T, P]
     scores = map_objective(model, trial, x, y, prior_loc, prior_var, spread,
                            prior_term=prior_term_along(m, direction, prior_loc, prior_var, tried))  # [H, T]
     better = (scores < current) & torch.isfinite(scores)
     found = better.any(0)
-    best = better.to(torch.int8).argmax(0)                                              # the largest that helps
-    pick = torch.arange(m.shape[0], device=m.device)
-    m = torch.where(found.unsqueeze(-1), trial[best, pick], m)
-    current = torch.where(found, scores[best, pick], current)
-    reach = torch.where(found, torch.ones_like(reach), tried[-1] / 2)
+    best = better.to(torch.int8).argmax(0, keepdim=True)                                # the largest that helps
+    taken = torch.where(found, tried.gather(0, best).squeeze(0), 0.0)                   # 0 where none helped
+    m = torch.addcmul(m, taken.unsqueeze(-1), direction)                                # = trial[best] (the same op)
+    current = torch.where(found, scores.gather(0, best).squeeze(0), current)
+    reach = torch.where(found, 1.0, tried[-1] / 2)
     return m, current, reach
 
 
