@@ -43,7 +43,9 @@ prior simply gives a small (the Bayesian) move. For a linear-Gaussian model one 
 posterior mean (``tests/test_gauss_newton.py``). No Monte-Carlo noise enters: the update is deterministic.
 
 Costs per step: the Jacobian (``N O`` reverse passes, or the MLP closed form), a ``[T, NO, NO]`` kernel and
-``2^{-h}``-grid forward pass; memory ``T N O P`` for ``J``, independent of the number of steps.
+``2^{-h}``-grid forward pass; memory ``T N O P`` for ``J``, independent of the number of steps. GEM-BML+'s two fits
+from the prior (restart mode: ``D_tr`` and ``D_tr u D_val``) share their first linearisation, whose leading rows are
+the support set's (:func:`gauss_newton_fit_pair`, :meth:`Linearisation.leading`).
 
 [1] Khan & Rue, *The Bayesian learning rule*, JMLR 2023. [2] Martens & Grosse 2015 / Immer et al. 2021 on
 the generalised Gauss-Newton and linearised Laplace.

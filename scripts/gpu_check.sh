@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU check (issue 12): under 8 minutes on one GPU, everything written under $OUT (default runs/gpu).
 #   1. the tests that need CUDA (they skip on a CPU-only machine),
-#   2. hbmeta bench step and bench throughput on cuda (time / memory per meta-iteration, tasks per second),
+#   2. hbmeta bench step, bench scaling (conv4 at the image defaults, 1 / 2 / 5 inner steps: GEM-BML+ against MAML,
+#      issue 23) and bench throughput on cuda (time / memory per meta-iteration, tasks per second),
 #   3. hbmeta bench accuracy on cuda: Omniglot 5-way 1-shot, every algorithm, one seed, at the "gpu" budget
 #      (3000 meta-iterations x 32 tasks; the paper's is 60000 x 32: --budget paper on a longer lease).
 # Each stage has its own time limit, so a slow stage cannot eat the next one's time.
@@ -21,6 +22,8 @@ stage() {  # stage NAME SECONDS COMMAND...
 }
 stage cuda-tests 90 "$PY" -m pytest -q -o addopts="" -k "cuda or gpu" tests
 stage bench-step 60 "$HB" bench step --device cuda --repeats 5 --out "$OUT/step"
+stage bench-scaling 90 "$HB" bench scaling --device cuda --algos maml,fomaml,gem-bml+,ibaml --inner-steps 1,2,5 \
+    --repeats 3 --warmup 1 --out "$OUT/scaling"
 stage bench-throughput 60 "$HB" bench throughput --device cuda --out "$OUT/throughput"
 stage bench-accuracy 240 "$HB" bench accuracy --device cuda --benchmarks omniglot-5w1s --budget gpu --seeds 0 \
     --out "$OUT/accuracy"

@@ -209,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "throughput: tasks adapted per second vs meta-batch size, sinusoid and conv4; "
                         "accuracy: every algorithm on the same tasks, seeds and budget (sinusoid, Omniglot)")
     p.add_argument("--budget", default="small", help="accuracy: small (a 2-core CPU), paper (a GPU) or smoke")
-    p.add_argument("--algos", default=None, help="accuracy: comma-separated algorithms (default gem-bml+,gem-bml,"
-                                                  "ibaml,maml,fomaml,reptile)")
+    p.add_argument("--algos", default=None, help="accuracy and scaling: comma-separated algorithms (accuracy's default "
+                                                  "gem-bml+,gem-bml,ibaml,maml,fomaml,reptile; scaling's: all eight)")
     p.add_argument("--seeds", default="0,1,2", help="accuracy: comma-separated seeds")
     p.add_argument("--table-only", action="store_true", help="accuracy: only assemble the table from finished runs")
     p.add_argument("--data-root", default=None, help="accuracy: folder with omniglot/ (default $HBMETA_DATA or ../shared/data)")
@@ -474,6 +474,8 @@ def _cmd_bench(args) -> int:
             config.warmup = args.warmup
         if args.inner_steps:
             config.steps = tuple(int(k) for k in args.inner_steps.split(","))
+        if args.algos:
+            config.algorithms = tuple(args.algos.split(","))
         return _report(config, lambda c: scaling.run_scaling_benchmark(c, progress=True), scaling.format_scaling_table,
                        scaling.write_scaling_benchmark, args.out)
 
