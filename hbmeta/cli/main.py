@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench", help="folder for the table and JSON (accuracy: runs/accuracy)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: the benchmark's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None,
+                   help="step and scaling: CPU threads (default: the benchmark's; 1 for step, torch's for scaling)")
     _check_numeric_options(parser)
     return parser
 
@@ -476,12 +478,16 @@ def _cmd_bench(args) -> int:
             config.steps = tuple(int(k) for k in args.inner_steps.split(","))
         if args.algos:
             config.algorithms = tuple(args.algos.split(","))
+        if args.threads is not None:
+            config.threads = args.threads
         return _report(config, lambda c: scaling.run_scaling_benchmark(c, progress=True), scaling.format_scaling_table,
                        scaling.write_scaling_benchmark, args.out)
 
     config = bench.StepBenchConfig(device=args.device)
     if args.repeats is not None:
         config.repeats = args.repeats
+    if args.threads is not None:
+        config.threads = args.threads
     return _report(config, bench.run_step_benchmark, bench.format_step_table, bench.write_step_benchmark, args.out)
 
 

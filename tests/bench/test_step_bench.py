@@ -106,3 +106,25 @@ def test_scaling_benchmark_conv4_memory_flat_for_gem_growing_for_unrolled(tmp_pa
     assert "gem-bml+" in format_scaling_table(result)
     paths = write_scaling_benchmark(result, tmp_path)
     assert json.loads(paths["json"].read_text())["rows"] == result["rows"] and paths["png"].stat().st_size > 0
+
+
+def test_bench_scaling_cli_takes_the_algorithms_and_threads_it_is_given(tmp_path, monkeypatch):
+    """``hbmeta bench scaling --algos ... --threads N`` runs only those algorithms, on N threads (the run itself is
+    shrunk to 16x16 images here)."""
+    import dataclasses
+
+    from hbmeta.bench import scaling
+    from hbmeta.cli.main import main
+
+    seen, real = [], scaling.run_scaling_benchmark
+
+    def small(config, progress=False):
+        seen.append(config)
+        return real(dataclasses.replace(config, image_size=16, queries=2, meta_batch=2))
+
+    monkeypatch.setattr(scaling, "run_scaling_benchmark", small)
+    assert main(["bench", "scaling", "--algos", "fomaml,gem-bml+", "--threads", "1", "--inner-steps", "1",
+                 "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    assert seen[0].algorithms == ("fomaml", "gem-bml+") and seen[0].threads == 1
+    rows = json.loads((tmp_path / "scaling_benchmark.json").read_text())["rows"]
+    assert {r["algorithm"] for r in rows} == {"fomaml", "gem-bml+"}
