@@ -224,8 +224,8 @@ def _pair_problem(likelihood, outputs: int):
 
 @pytest.mark.parametrize("likelihood,outputs,guide", [
     (GaussianLikelihood(0.3), 1, MeanFieldGuide()), (GaussianLikelihood(0.3), 1, DeltaGuide()),
-    (CategoricalLikelihood(), 3, MeanFieldGuide()),
-], ids=["gaussian-meanfield", "gaussian-delta", "softmax-meanfield-expected"])
+    (GaussianLikelihood(0.3), 1, FullCovarianceGuide()), (CategoricalLikelihood(), 3, MeanFieldGuide()),
+], ids=["gaussian-meanfield", "gaussian-delta", "gaussian-fullcov", "softmax-meanfield-expected"])
 def test_restart_pair_shares_the_first_step_and_equals_two_separate_fits(likelihood, outputs, guide, monkeypatch):
     """GEM-BML+'s restart-mode q1 = VI(Theta, D_tr) and q2 = VI(Theta, D_tr u D_val) from one shared linearisation at
     the prior equal the two fits run apart (float64, 1e-10); a Gaussian likelihood computes one Jacobian fewer."""
@@ -246,6 +246,8 @@ def test_restart_pair_shares_the_first_step_and_equals_two_separate_fits(likelih
         torch.testing.assert_close(shared.loc, apart.loc, rtol=1e-10, atol=1e-10)
         if apart.kind == "meanfield":
             torch.testing.assert_close(shared.scale, apart.scale, rtol=1e-10, atol=1e-12)
+        if apart.kind == "full":
+            torch.testing.assert_close(shared.scale_tril, apart.scale_tril, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(q1.loc, q2.loc)  # the two fits saw different data
 
 
