@@ -66,8 +66,8 @@ from hbmeta.models.jacobian import output_jacobian
 from hbmeta.models.likelihoods import gaussian_draws
 from hbmeta.models.posterior import Posterior
 
-__all__ = ["gauss_newton_fit", "gauss_newton_fit_pair", "gauss_newton_linearise", "Linearisation", "gauss_newton_direction", "map_objective", "prior_term_along", "function_space_spread",
-           "CURVATURES"]
+__all__ = ["gauss_newton_fit", "gauss_newton_fit_pair", "gauss_newton_linearise", "Linearisation", "gauss_newton_direction",
+           "map_objective", "prior_term_along", "function_space_spread", "CURVATURES"]
 
 #: where a mean-field Gauss-Newton step takes the likelihood's curvature (:func:`gauss_newton_fit`'s ``curvature``)
 CURVATURES = ("expected", "mean")

@@ -46,8 +46,8 @@ from hbmeta.models.latents import LatentGuide, replace_priors
 from hbmeta.models.local_reparam import local_forward, supports_local_noise
 from hbmeta.models.posterior import Posterior
 
-__all__ = ["InnerConfig", "InnerLoopDivergedError", "INNER_METHODS", "fit_posterior", "fit_posterior_pair", "negative_elbo", "make_optimizer",
-           "NoiseFn", "clip_per_task", "CommonNoise", "standard_normal", "sgd_adapt", "optimizer_adapt", "overrides_model"]
+__all__ = ["InnerConfig", "InnerLoopDivergedError", "INNER_METHODS", "fit_posterior", "fit_posterior_pair", "negative_elbo",
+           "make_optimizer", "NoiseFn", "clip_per_task", "CommonNoise", "standard_normal", "sgd_adapt", "optimizer_adapt", "overrides_model"]
 
 #: inner-update methods (:class:`InnerConfig` ``method``)
 INNER_METHODS = ("gauss-newton", "svi")
@@ -631,6 +631,7 @@ def _same_start(a: Posterior, b: Posterior) -> bool:
     """Whether two start posteriors are the same (a prior's start may depend on the data: a mixture's component)."""
     pairs = ((a.loc, b.loc), (a.scale, b.scale), (a.scale_tril, b.scale_tril))
     return a.kind == b.kind and all(u is v or (u is not None and v is not None and torch.equal(u, v)) for u, v in pairs)
+
 
 def _divergence_advice(config: InnerConfig) -> str:
     """What to change when SVI diverges: the step size, and unclipped gradients (one huge step of the log scale
