@@ -355,7 +355,8 @@ def _spread_scale(model: HierarchicalModel, start: Posterior, prior_var: Tensor,
 
 def gauss_newton_fit_pair(model: HierarchicalModel, x: Tensor, y: Tensor, leading: int, start: Posterior,
                           prior_loc: Tensor, prior_var: Tensor, steps: int, all_steps: int | None = None,
-                          kind: str = "meanfield", leading_laplace: bool = False, **settings
+                          kind: str = "meanfield", leading_laplace: bool = False, solver: str = "woodbury",
+                          curvature: str = "expected", num_draws: int = 64, **settings
                           ) -> tuple[Posterior, Posterior]:
     r"""Gauss-Newton VI on the first ``leading`` points of every task and on all of them, both from ``start`` under
     the same prior: GEM-BML+'s ``q1 = VI(Theta, D_tr)`` and, in restart mode, ``q2 = VI(Theta, D_tr u D_val)`` with
@@ -367,18 +368,18 @@ def gauss_newton_fit_pair(model: HierarchicalModel, x: Tensor, y: Tensor, leadin
     only the leading fit keeps the linearised posterior (``leading_laplace``). A likelihood whose curvature factor is
     a matrix (softmax) shares nothing beyond the outputs, and the leading fit runs on its own.
     """
-    solver = settings.get("solver", "woodbury")
     all_steps = steps if all_steps is None else all_steps
+    settings.update(solver=solver, curvature=curvature, num_draws=num_draws)
     first = None
     if solver == "woodbury" and steps > 0 and all_steps > 0:
         with torch.no_grad():
-            scale = _spread_scale(model, start, prior_var.detach().expand_as(start.loc), kind, solver,
-                                  settings.get("curvature", "expected"), settings.get("num_draws", 64))
+            scale = _spread_scale(model, start, prior_var.detach().expand_as(start.loc), kind, solver, curvature,
+                                  num_draws)
             first = gauss_newton_linearise(model, start.loc.detach(), x, y, prior_var.detach(), scale,
-                                           settings.get("num_draws", 64) if scale is not None else 0)
+                                           num_draws if scale is not None else 0)
     leading_first = first.leading(leading) if first is not None and first.white is not None else None
-    q1 = gauss_newton_fit(model, x[:, :leading].contiguous(), y[:, :leading].contiguous(), start, prior_loc, prior_var, steps, kind,
-                          laplace=leading_laplace, first=leading_first, **settings)
+    q1 = gauss_newton_fit(model, x[:, :leading].contiguous(), y[:, :leading].contiguous(), start, prior_loc,
+                          prior_var, steps, kind, laplace=leading_laplace, first=leading_first, **settings)
     q2 = gauss_newton_fit(model, x, y, start, prior_loc, prior_var, all_steps, kind, first=first, **settings)
     return q1, q2
 

@@ -610,7 +610,7 @@ def fit_posterior_pair(model: HierarchicalModel, guide: Guide, x: Tensor, y: Ten
     shares the two fits' first linearisation (:func:`hbmeta.inference.gauss_newton.gauss_newton_fit_pair`); every
     other update is two :func:`fit_posterior` calls, with ``noise`` (a pair) as their noise. ``laplace``: the leading
     fit also keeps the linearised posterior."""
-    x1, y1 = x[:, :leading].contiguous(), y[:, :leading].contiguous()
+    x1, y1 = x[:, :leading], y[:, :leading]
     noise1, noise2 = noise if noise is not None else (None, None)
     with model.net.shared_constant():
         start = model.initial_posterior(x, y)
@@ -621,6 +621,7 @@ def fit_posterior_pair(model: HierarchicalModel, guide: Guide, x: Tensor, y: Ten
                 and _same_start(start, model.initial_posterior(x1, y1))):
             return _gauss_newton(model, guide, x, y, start, prior, config, steps, None, laplace, generator,
                                  leading=leading, all_steps=all_steps)
+        x1, y1 = x1.contiguous(), y1.contiguous()
         q1 = _fit_posterior(model, guide, x1, y1, model.initial_posterior(x1, y1), config=config, steps=steps,
                             generator=generator, noise=noise1, laplace=laplace)
         q2 = _fit_posterior(model, guide, x, y, start, config=config, steps=all_steps, generator=generator, noise=noise2)

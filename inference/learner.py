@@ -306,7 +306,7 @@ class MetaLearner:
         key = tuple(x.shape[2:])
         net = self.model.net
         if net.is_plain_mlp:  # its batched matmuls would broadcast extra dims instead of failing
-            width = next(m for m in net.module if isinstance(m, nn.Linear)).in_features
+            width = net.dense_layers[0].fan_in
             if key != (width,):
                 raise ValueError(f"{what}: the MLP takes inputs [tasks, points, {width}]; got {tuple(x.shape)}")
         if key in self._inputs_taken or x.shape[0] == 0 or x.shape[1] == 0:

@@ -89,6 +89,19 @@ class DenseLayer:
         """Whether the activation is exactly one ``nn.ReLU`` (taken in place, its slope is ``pre-activation > 0``)."""
         return len(self.activations) == 1 and type(self.activations[0]) is nn.ReLU
 
+    def weight_of(self, theta: Tensor) -> Tensor:
+        """The layer's weight ``[B, units, fan_in]`` in ``theta [B, P]`` (a view)."""
+        return theta[:, self.weight:self.weight + self.units * self.fan_in].view(-1, self.units, self.fan_in)
+
+    def affine(self, theta: Tensor, h: Tensor) -> Tensor:
+        """``h W^T + b`` for every row of ``theta [B, P]`` and ``h [B, N, fan_in]``: one batched matmul with the bias
+        fused (``baddbmm``; an outer product, ``addcmul``, for one input feature)."""
+        weight = self.weight_of(theta).transpose(1, 2)
+        if self.bias is None:
+            return h * weight if self.fan_in == 1 else torch.bmm(h, weight)
+        bias = theta[:, self.bias:self.bias + self.units].unsqueeze(1)
+        return torch.addcmul(bias, h, weight) if self.fan_in == 1 else torch.baddbmm(bias, h, weight)
+
 
 def _dense_layers(module: nn.Module) -> tuple[DenseLayer, ...]:
     """The :class:`DenseLayer` s of a plain MLP, in ``named_parameters`` order (weight, then bias)."""
@@ -147,8 +160,7 @@ class BatchedNet:
         self.sizes = [math.prod(s) for s in self.shapes]
         self.num_params = sum(self.sizes)
         self.buffers = dict(module.named_buffers())
-        self._fast_mlp = _is_plain_mlp(module) and not hidden
-        self._dense = _dense_layers(module) if self._fast_mlp else ()
+        self._dense = _dense_layers(module) if _is_plain_mlp(module) and not hidden else ()
         self._fast_mlp = bool(self._dense)
         batched = getattr(module, "forward_batched", None)
         self._shared_batched = callable(batched) and "shared" in inspect.signature(batched).parameters
@@ -226,9 +238,8 @@ class BatchedNet:
             self._cache = None
 
     def _mlp_forward(self, theta: Tensor, x: Tensor) -> Tensor:
-        """Fast path for ``nn.Sequential`` of ``nn.Linear`` and element-wise activations: one batched matmul with the
-        bias fused (``baddbmm``; an outer product, ``addcmul``, for one input feature) per layer, over every
-        (sample, task) weight vector at once."""
+        """Fast path for ``nn.Sequential`` of ``nn.Linear`` and element-wise activations: one batched matmul per layer
+        (:meth:`DenseLayer.affine`) over every (sample, task) weight vector at once."""
         if x.dim() != 3:  # [T, N, ..., in]: broadcasting matmuls
             return self._mlp_forward_broadcast(theta, x)
         sample_shape, num_points = theta.shape[:-2], x.shape[1]
@@ -236,13 +247,7 @@ class BatchedNet:
         rows = flat.shape[0]
         h = x.expand(*sample_shape, *x.shape).reshape(rows, num_points, -1)
         for layer in self._dense:
-            weight = flat[:, layer.weight:layer.weight + layer.units * layer.fan_in].view(rows, layer.units, layer.fan_in)
-            weight = weight.transpose(1, 2)
-            if layer.bias is None:
-                h = h * weight if layer.fan_in == 1 else torch.bmm(h, weight)
-            else:
-                bias = flat[:, layer.bias:layer.bias + layer.units].unsqueeze(1)
-                h = torch.addcmul(bias, h, weight) if layer.fan_in == 1 else torch.baddbmm(bias, h, weight)
+            h = layer.affine(flat, h)
             if layer.relu:
                 h = h.relu_()
             else:

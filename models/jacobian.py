@@ -64,11 +64,7 @@ def mlp_jacobian(net: BatchedNet, theta: Tensor, x: Tensor) -> tuple[Tensor, Ten
     h = x.reshape(num_tasks, num_points, -1)
     for layer in net.dense_layers:
         inputs.append(h)
-        weight = theta[:, layer.weight:layer.weight + layer.units * layer.fan_in].view(num_tasks, layer.units, layer.fan_in)
-        if layer.bias is None:
-            a = torch.bmm(h, weight.transpose(1, 2))
-        else:
-            a = torch.baddbmm(theta[:, layer.bias:layer.bias + layer.units].unsqueeze(1), h, weight.transpose(1, 2))
+        a = layer.affine(theta, h)
         if layer.relu:
             h, slope = torch.relu(a), a > 0
         elif layer.activations:
@@ -95,6 +91,6 @@ def mlp_jacobian(net: BatchedNet, theta: Tensor, x: Tensor) -> tuple[Tensor, Ten
         if layer.bias is not None:
             jac[..., layer.bias:layer.bias + units] = delta
         if k > 0:  # back through the weights: [T, N O, units] @ [T, units, fan_in]
-            weight = theta[:, start:start + units * fan_in].view(num_tasks, units, fan_in)
-            delta = torch.bmm(delta.reshape(num_tasks, -1, units), weight).reshape(num_tasks, num_points, num_out, fan_in)
+            delta = torch.bmm(delta.reshape(num_tasks, -1, units), layer.weight_of(theta)).reshape(
+                num_tasks, num_points, num_out, fan_in)
     return h, jac
